@@ -1,0 +1,1 @@
+"""Per-experiment ml_collections configs."""

@@ -1,0 +1,36 @@
+"""Test-wide setup: 8 fake CPU devices for mesh/sharding checks, deterministic CPU numerics."""
+
+import os
+
+# Must happen before jax is imported anywhere: multi-device tests run on 8 fake CPU devices.
+_flag = "--xla_force_host_platform_device_count=8"
+if _flag not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# TensorFlow (input_pipeline tests) must never grab an accelerator or spam logs.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture
+def rng():
+  return np.random.default_rng(0)
+
+
+def pytest_collection_modifyitems(config, items):
+  # Torch parity tests must run in CI: if torch is missing there, fail loudly instead of skipping.
+  if os.environ.get("CI"):
+    return
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    skip = pytest.mark.skip(reason="torch not installed (pip install -e '.[convert]')")
+    for item in items:
+      if "torch" in item.keywords:
+        item.add_marker(skip)

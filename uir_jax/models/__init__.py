@@ -1,0 +1,1 @@
+"""Flax NNX modules: architectures only (no losses, optimizers, data or logging)."""
