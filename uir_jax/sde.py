@@ -1,0 +1,347 @@
+"""The mean-reverting SDE of IR-SDE (Luo et al. 2023) used by DA-CLIP's restorers.
+
+    dx = θ_t (μ − x) dt + σ_t dW,      μ = the low-quality image,  t ∈ {1, …, T}
+
+Everything here follows `reference/daclip_uir_spec.md` §5 and the posterior sampler of the wild-IR
+paper (Eq. 5–8). Notation (all per-step arrays have length T + 1; index 0 is the base):
+
+    λ        = max_sigma / 255                   stationary std (`lam`)
+    θ_t      = schedule                          (`theta`)
+    θ̄_t      = Σ_{k=1..t} θ_k                    (`theta_bar`, θ̄_0 = 0)
+    dt       = −ln(eps) / θ̄_T                    so that m_T = eps
+    m_t      = exp(−θ̄_t dt)                      mean decay of the marginal (`m`)
+    σ_t      = sqrt(2 λ² θ_t)                    (`sigma`)
+    σ̄_t      = λ sqrt(1 − m_t²)                  marginal std (`sigma_bar`)
+
+    x_t | x_0  ~  N(μ + (x_0 − μ) m_t,  σ̄_t²)
+
+The network predicts ε̂ = (x_t − E[x_t | x_0]) / σ̄_t ("noise"); score = −ε̂ / σ̄_t.
+
+The whole reverse loop runs inside one jitted `lax.scan`, so sampling compiles once per input shape
+and never re-traces per step. `num_steps < T` runs the posterior sampler on a subsequence of
+timesteps using the exact Gaussian posterior between non-adjacent steps (a capability the PyTorch
+reference does not have): between s < t the OU process gives x_t − μ = (m_t/m_s)(x_s − μ) + noise,
+so the one-step formulas hold with a_t replaced by m_t / m_s.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+# eps_fn(x_t [B,H,W,C], mu [B,H,W,C], t int32 [B], *eps_args) -> predicted noise [B,H,W,C]
+EpsFn = Callable[..., Array]
+
+SCHEDULES = ("cosine", "linear", "constant")
+MODES = ("posterior", "sde", "ode")
+
+
+def _theta_schedule(name: str, T: int) -> np.ndarray:
+  """θ_0..θ_T in float64 (spec §5.1; the reference computes the same in float32)."""
+  if name == "cosine":
+    # θ_t = 1 − ᾱ_{t+1} of the improved-DDPM cosine schedule on n = T + 2 steps, s = 0.008.
+    n = T + 2
+    s = 0.008
+    k = np.arange(n + 1, dtype=np.float64)
+    alpha_bar = np.cos(((k / n) + s) / (1 + s) * math.pi * 0.5) ** 2
+    alpha_bar = alpha_bar / alpha_bar[0]
+    return 1.0 - alpha_bar[1:-1]
+  if name == "linear":
+    scale = 1000.0 / (T + 1)
+    return np.linspace(scale * 1e-4, scale * 0.02, T + 1, dtype=np.float64)
+  if name == "constant":
+    return np.ones(T + 1, dtype=np.float64)
+  raise ValueError(f"unknown schedule {name!r}; expected one of {SCHEDULES}")
+
+
+class IRSDE:
+  """IR-SDE schedule, marginals, training targets and samplers.
+
+  Attributes (float64 numpy arrays of length T + 1, indexed by the timestep t):
+    theta, theta_bar, sigma, sigma_bar, m; scalars `lam` (λ), `dt`, `T`.
+  """
+
+  def __init__(self, max_sigma: float = 50, T: int = 100, schedule: str = "cosine",
+               eps: float = 0.005):
+    if not isinstance(T, (int, np.integer)) or isinstance(T, bool) or T < 1:
+      raise ValueError(f"T must be an integer >= 1, got {T!r}")
+    if schedule not in SCHEDULES:
+      raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+    if not 0.0 < eps < 1.0:
+      raise ValueError(f"eps (the mean decay m_T at the last step) must be in (0, 1), got {eps!r}")
+    if not max_sigma > 0:
+      raise ValueError(f"max_sigma must be > 0, got {max_sigma!r}")
+    self.T = int(T)
+    self.schedule = schedule
+    self.eps = float(eps)
+    self.max_sigma = float(max_sigma)
+    # The reference divides by 255 only when max_sigma > 1 (smaller values are in [0, 1] units).
+    self.lam = self.max_sigma / 255.0 if self.max_sigma > 1 else self.max_sigma
+
+    theta = _theta_schedule(schedule, self.T)
+    theta_bar = np.cumsum(theta) - theta[0]  # θ̄_0 = 0: index 0 is only the cumsum's base.
+    self.theta = theta
+    self.theta_bar = theta_bar
+    self.dt = float(-math.log(self.eps) / theta_bar[-1])
+    self.sigma = np.sqrt(2.0 * self.lam**2 * theta)
+    self.m = np.exp(-theta_bar * self.dt)
+    self.sigma_bar = self.lam * np.sqrt(1.0 - self.m**2)
+    # float32 device copies for jitted code.
+    self._tables = {k: jnp.asarray(getattr(self, k), jnp.float32)
+                    for k in ("theta", "theta_bar", "sigma", "sigma_bar", "m")}
+
+  def __repr__(self) -> str:
+    return (f"IRSDE(max_sigma={self.max_sigma:g}, T={self.T}, schedule={self.schedule!r}, "
+            f"eps={self.eps:g})")
+
+  # ------------------------------------------------------------------------------------------
+  # Per-timestep lookups. `t` is an int array of shape [B]; results broadcast against [B, H, W, C].
+  # ------------------------------------------------------------------------------------------
+
+  def _at(self, name: str, t: Array, ndim: int) -> Array:
+    t = jnp.asarray(t)
+    if t.ndim != 1:
+      raise ValueError(f"timesteps must have shape [batch], got shape {t.shape}")
+    v = self._tables[name][t.astype(jnp.int32)]
+    return v.reshape(v.shape + (1,) * (ndim - 1))
+
+  @staticmethod
+  def _check_same_shape(**arrays: Any) -> None:
+    shapes = {k: tuple(jnp.shape(v)) for k, v in arrays.items()}
+    if len(set(shapes.values())) > 1:
+      desc = ", ".join(f"{k}={s}" for k, s in shapes.items())
+      raise ValueError(f"shape mismatch: {desc}")
+
+  def _check_t(self, t: Array, batch: int) -> None:
+    shape = jnp.shape(t)
+    if shape != (batch,):
+      raise ValueError(f"timesteps must have shape [batch]=({batch},), got {shape}")
+
+  # ------------------------------------------------------------------------------------------
+  # Forward process and marginals (spec §5.2).
+  # ------------------------------------------------------------------------------------------
+
+  def marginal_mean(self, x0: Array, mu: Array, t: Array) -> Array:
+    """E[x_t | x_0] = μ + (x_0 − μ) m_t."""
+    self._check_same_shape(x0=x0, mu=mu)
+    self._check_t(t, x0.shape[0])
+    return mu + (x0 - mu) * self._at("m", t, x0.ndim)
+
+  def marginal_std(self, t: Array, ndim: int = 4) -> Array:
+    """σ̄_t, broadcastable to an [B, ...] array of rank `ndim`."""
+    return self._at("sigma_bar", t, ndim)
+
+  def q_sample(self, x0: Array, mu: Array, t: Array, noise: Array) -> Array:
+    """x_t = μ + (x_0 − μ) m_t + σ̄_t ε for given noise ε."""
+    self._check_same_shape(x0=x0, mu=mu, noise=noise)
+    return self.marginal_mean(x0, mu, t) + self._at("sigma_bar", t, x0.ndim) * noise
+
+  def random_states(self, key: Array, x0: Array, mu: Array) -> tuple[Array, Array, Array]:
+    """Training states (`generate_random_states`): t ~ U{1..T} per sample and x_t ~ q(x_t | x_0).
+
+    Returns:
+      (t int32 [B], x_t [B, H, W, C] float32, noise ε [B, H, W, C]).
+    """
+    self._check_same_shape(x0=x0, mu=mu)
+    k_t, k_n = jax.random.split(key)
+    t = jax.random.randint(k_t, (x0.shape[0],), 1, self.T + 1, dtype=jnp.int32)
+    noise = jax.random.normal(k_n, x0.shape, jnp.float32)
+    return t, self.q_sample(x0, mu, t, noise).astype(jnp.float32), noise
+
+  def forward_step(self, key: Array, x: Array, mu: Array, t: Array) -> Array:
+    """One Euler–Maruyama step of the forward SDE: x + θ_t(μ − x)dt + σ_t sqrt(dt) z."""
+    self._check_same_shape(x=x, mu=mu)
+    z = jax.random.normal(key, x.shape, x.dtype)
+    th, sg = self._at("theta", t, x.ndim), self._at("sigma", t, x.ndim)
+    return x + th * (mu - x) * self.dt + sg * math.sqrt(self.dt) * z
+
+  def noise_state(self, key: Array, mu: Array) -> Array:
+    """Initial sampling state x_T = μ + λ z (`noise_state`)."""
+    return mu + self.lam * jax.random.normal(key, mu.shape, jnp.float32)
+
+  # ------------------------------------------------------------------------------------------
+  # Noise / score / x̂₀ relations (spec §5.3).
+  # ------------------------------------------------------------------------------------------
+
+  def score_from_noise(self, eps: Array, t: Array) -> Array:
+    """score = −ε̂ / σ̄_t."""
+    return -eps / self._at("sigma_bar", t, eps.ndim)
+
+  def x0_from_noise(self, x: Array, mu: Array, eps: Array, t: Array) -> Array:
+    """x̂_0 = μ + (x_t − μ − σ̄_t ε̂) / m_t."""
+    self._check_same_shape(x=x, mu=mu, eps=eps)
+    sb, m = self._at("sigma_bar", t, x.ndim), self._at("m", t, x.ndim)
+    return mu + (x - mu - sb * eps) / m
+
+  def noise_from_x0(self, x: Array, x0: Array, mu: Array, t: Array) -> Array:
+    """The true ε given x_0: (x_t − E[x_t | x_0]) / σ̄_t (`get_real_noise`; an oracle denoiser)."""
+    return (x - self.marginal_mean(x0, mu, t)) / self._at("sigma_bar", t, x.ndim)
+
+  # ------------------------------------------------------------------------------------------
+  # Training objective (spec §5.4): L1( x̂_{t−1}, x*_{t−1} ).
+  # ------------------------------------------------------------------------------------------
+
+  def reverse_sde_step_mean(self, x: Array, mu: Array, eps: Array, t: Array) -> Array:
+    """The model's reverse-SDE mean step x_t − [θ_t(μ − x_t) − σ_t² score] dt (no noise)."""
+    self._check_same_shape(x=x, mu=mu, eps=eps)
+    th, sg = self._at("theta", t, x.ndim), self._at("sigma", t, x.ndim)
+    score = self.score_from_noise(eps, t)
+    return x - (th * (mu - x) - sg**2 * score) * self.dt
+
+  def reverse_optimum_step(self, x: Array, x0: Array, mu: Array, t: Array) -> Array:
+    """The optimal x*_{t−1} = E[x_{t−1} | x_t, x_0] (the maximum-likelihood training target)."""
+    self._check_same_shape(x=x, x0=x0, mu=mu)
+    self._check_t(t, x.shape[0])
+    m_t = self._at("m", t, x.ndim)
+    m_s = self._at("m", t - 1, x.ndim)
+    return _posterior_mean(x, x0, mu, m_t, m_s)
+
+  def training_pair(self, eps: Array, x: Array, x0: Array, mu: Array,
+                    t: Array) -> tuple[Array, Array]:
+    """(prediction, target) for the matching loss: the model's mean step and the optimum."""
+    return self.reverse_sde_step_mean(x, mu, eps, t), self.reverse_optimum_step(x, x0, mu, t)
+
+  # ------------------------------------------------------------------------------------------
+  # Reverse steps (spec §5.5–5.7).
+  # ------------------------------------------------------------------------------------------
+
+  def reverse_sde_step(self, key: Array, x: Array, mu: Array, eps: Array, t: Array) -> Array:
+    """x − [θ_t(μ − x) − σ_t² score] dt − σ_t sqrt(dt) z."""
+    sg = self._at("sigma", t, x.ndim)
+    z = jax.random.normal(key, x.shape, x.dtype)
+    return self.reverse_sde_step_mean(x, mu, eps, t) - sg * math.sqrt(self.dt) * z
+
+  def reverse_ode_step(self, x: Array, mu: Array, eps: Array, t: Array) -> Array:
+    """x − [θ_t(μ − x) − ½ σ_t² score] dt."""
+    th, sg = self._at("theta", t, x.ndim), self._at("sigma", t, x.ndim)
+    score = self.score_from_noise(eps, t)
+    return x - (th * (mu - x) - 0.5 * sg**2 * score) * self.dt
+
+  def reverse_posterior_step(self, key: Array, x: Array, mu: Array, eps: Array, t: Array,
+                             t_prev: Array | None = None) -> Array:
+    """Posterior sampling step: x_{s} ~ q(x_s | x_t, x̂_0(ε̂)), s = t − 1 unless `t_prev` is given."""
+    t_prev = t - 1 if t_prev is None else t_prev
+    x0 = self.x0_from_noise(x, mu, eps, t)
+    m_t, m_s = self._at("m", t, x.ndim), self._at("m", t_prev, x.ndim)
+    mean = _posterior_mean(x, x0, mu, m_t, m_s)
+    std = _posterior_std(m_t, m_s, self.lam, self.dt)
+    return mean + std * jax.random.normal(key, x.shape, x.dtype)
+
+  # ------------------------------------------------------------------------------------------
+  # Samplers.
+  # ------------------------------------------------------------------------------------------
+
+  def timesteps(self, num_steps: int | None = None) -> np.ndarray:
+    """The descending timesteps a sampler visits: T..1, or a subsequence of `num_steps` of them.
+
+    The subsequence always starts at T (where x_T = μ + λz matches the marginal) and ends at 1.
+    """
+    n = self.T if num_steps is None else num_steps
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= self.T:
+      raise ValueError(f"num_steps must be an integer in 1..T={self.T}, got {num_steps!r}")
+    if n == 1:
+      return np.array([self.T], np.int32)
+    ts = np.unique(np.round(np.linspace(1, self.T, n)).astype(np.int32))[::-1]
+    if len(ts) != n:  # cannot happen for n <= T, kept as an invariant check
+      raise AssertionError(f"timestep subsequence has {len(ts)} entries, wanted {n}")
+    return ts.copy()
+
+  def sample(self, eps_fn: EpsFn, mu: Array, key: Array, mode: str = "posterior",
+             num_steps: int | None = None, *, x_T: Array | None = None,
+             eps_args: tuple = ()) -> Array:
+    """Runs the reverse process from x_T = μ + λz (or `x_T`) to an estimate of x_0.
+
+    Args:
+      eps_fn: denoiser `eps_fn(x, mu, t, *eps_args) -> ε̂`, t an int32 array [B]. It is a static
+        argument of the compiled sampler: pass the same function object to reuse the compilation,
+        and pass large arrays (model weights, conditioning) through `eps_args` rather than
+        closing over them, so they are not baked into the program as constants.
+      mu: the low-quality image(s), [B, H, W, C] float in [0, 1].
+      key: PRNG key for the initial state and the per-step noise.
+      mode: "posterior" (wild-IR's sampler, the reference default; the last step returns x̂_0),
+        "sde" (reverse SDE, the ICLR paper's sampler) or "ode" (probability-flow ODE).
+      num_steps: number of network evaluations; < T is supported for "posterior" only.
+      x_T: optional initial state (default μ + λz drawn from `key`).
+      eps_args: extra (traced) arguments forwarded to `eps_fn`.
+
+    Returns:
+      The restored image(s), same shape as `mu` (unclipped, like the reference).
+    """
+    if mode not in MODES:
+      raise ValueError(f"unknown sampling mode {mode!r}; expected one of {MODES}")
+    ts = self.timesteps(num_steps)
+    if mode != "posterior" and len(ts) != self.T:
+      raise ValueError(
+          f"num_steps={num_steps} < T={self.T} is only supported for mode='posterior' "
+          f"(the {mode!r} sampler is a fixed-step discretisation of the SDE)")
+    mu = jnp.asarray(mu)
+    if mu.ndim != 4:
+      raise ValueError(f"mu must be a batch of images [B, H, W, C], got shape {mu.shape}")
+    k_init, k_loop = jax.random.split(key)
+    if x_T is None:
+      x_T = self.noise_state(k_init, mu)
+    else:
+      self._check_same_shape(x_T=x_T, mu=mu)
+    ts_prev = np.concatenate([ts[1:], [0]]).astype(np.int32)
+    return _sample_loop(eps_fn, mode, self._tables, self.lam, self.dt, mu, x_T, k_loop,
+                        jnp.asarray(ts), jnp.asarray(ts_prev), tuple(eps_args))
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared formulas and the compiled loop.
+# ----------------------------------------------------------------------------------------------
+
+
+def _posterior_mean(x: Array, x0: Array, mu: Array, m_t: Array, m_s: Array) -> Array:
+  """E[x_s | x_t, x_0], s < t: μ + A (x_t − μ) + B (x_0 − μ); a = m_t / m_s (a_t when s = t−1)."""
+  a = m_t / m_s
+  denom = 1.0 - m_t**2
+  coef_x = a * (1.0 - m_s**2) / denom
+  coef_0 = m_s * (1.0 - a**2) / denom
+  return mu + coef_x * (x - mu) + coef_0 * (x0 - mu)
+
+
+def _posterior_std(m_t: Array, m_s: Array, lam: float, dt: float) -> Array:
+  """sqrt(Var[x_s | x_t, x_0]) with the reference's clamp at 1e-20·dt (spec §5.7)."""
+  a = m_t / m_s
+  var = (1.0 - a**2) * (1.0 - m_s**2) / (1.0 - m_t**2)
+  return jnp.exp(0.5 * jnp.log(jnp.maximum(var, 1e-20 * dt))) * lam
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 3, 4))
+def _sample_loop(eps_fn, mode, tables, lam, dt, mu, x_T, key, ts, ts_prev, eps_args):
+  batch, ndim = mu.shape[0], mu.ndim
+
+  def at(name, t):
+    return jnp.broadcast_to(tables[name][t], (1,) * ndim)
+
+  def body(x, inputs):
+    t, t_prev, k = inputs
+    tb = jnp.full((batch,), t, jnp.int32)
+    eps = eps_fn(x, mu, tb, *eps_args).astype(x.dtype)
+    m_t, sb = at("m", t), at("sigma_bar", t)
+    if mode == "posterior":
+      x0 = mu + (x - mu - sb * eps) / m_t
+      m_s = at("m", t_prev)
+      mean = _posterior_mean(x, x0, mu, m_t, m_s)
+      x = mean + _posterior_std(m_t, m_s, lam, dt) * jax.random.normal(k, x.shape, x.dtype)
+    else:
+      th, sg = at("theta", t), at("sigma", t)
+      score = -eps / sb
+      if mode == "sde":
+        drift = (th * (mu - x) - sg**2 * score) * dt
+        x = x - drift - sg * math.sqrt(dt) * jax.random.normal(k, x.shape, x.dtype)
+      else:  # ode
+        x = x - (th * (mu - x) - 0.5 * sg**2 * score) * dt
+    return x, None
+
+  keys = jax.random.split(key, ts.shape[0])
+  x, _ = jax.lax.scan(body, x_T.astype(jnp.float32), (ts, ts_prev, keys))
+  return x
