@@ -1,0 +1,85 @@
+"""Checkpoints: the only module that imports orbax.
+
+Train-state checkpoints live in `<workdir>/checkpoints/<step>` and are written asynchronously
+and atomically (orbax writes to a temporary directory and renames it on commit), so an interrupted
+save never replaces the last good checkpoint. Saves happen every `save_every` steps, at the last
+step, and when JAX's preemption notice arrives (`reached_preemption`); the trainer then exits.
+
+Trainers restore in this order: the workdir's own latest checkpoint (resume), else converted
+weights named by the config (parameters only), else the freshly initialised state.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class Checkpointer:
+  """Keep-latest-N, async, preemption-aware train-state checkpoints in `<workdir>/checkpoints`."""
+
+  def __init__(self, workdir: str, *, save_every: int, keep: int = 3,
+               total_steps: int | None = None, async_save: bool = True):
+    if save_every < 1:
+      raise ValueError(f"save_every must be >= 1, got {save_every}")
+    if keep < 1:
+      raise ValueError(f"keep must be >= 1, got {keep}")
+    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    policies = [ocp.checkpoint_managers.ContinuousCheckpointingPolicy()
+                if save_every == 1 else ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
+                ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]
+    if total_steps:
+      policies.append(ocp.checkpoint_managers.SpecificStepsPolicy(steps=[total_steps]))
+    options = ocp.CheckpointManagerOptions(
+        save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies),
+        max_to_keep=keep,
+        enable_async_checkpointing=async_save,
+        create=True,
+        cleanup_tmp_directories=True,  # leftovers of a save interrupted by a crash or preemption
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  @property
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def maybe_save(self, step: int, state: Any, *, force: bool = False) -> bool:
+    """Saves if the policy says so (interval, last step, preemption); returns whether it saved."""
+    saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    if saved:
+      logging.info("checkpoint: saving step %d to %s", step, self.directory)
+    return saved
+
+  def reached_preemption(self, step: int) -> bool:
+    """True once a preemption notice arrived (all hosts agree); save, `wait()`, then exit."""
+    return self._manager.reached_preemption(step)
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> Any:
+    """Restores `step` (default: latest) into the structure/shardings of `abstract_state`."""
+    step = self.latest_step if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+  def wait(self) -> None:
+    """Blocks until pending async saves are committed."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_like(state: Any) -> Any:
+  """ShapeDtypeStructs (with shardings) describing `state`, as a restore target."""
+  def spec(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+  return jax.tree.map(spec, state)
