@@ -239,7 +239,8 @@ def jpeg(img, rng, words, q_range):
   words[_JPEG] = True
   quality = int(rng.uniform(*q_range))
   u8 = np.clip(img, 0.0, 1.0) * 255.0
-  bgr = np.ascontiguousarray(u8[..., ::-1]).astype(np.uint8)  # astype truncates, as cv2 would
+  # The reference hands cv2 a float image, which cv2 converts to uint8 by rounding (saturate_cast).
+  bgr = np.ascontiguousarray(np.round(u8[..., ::-1])).astype(np.uint8)
   ok, buf = cv2.imencode(".jpg", bgr, [int(cv2.IMWRITE_JPEG_QUALITY), quality])
   if not ok:  # pragma: no cover
     raise RuntimeError("cv2.imencode failed")
