@@ -1,6 +1,7 @@
 """uir-jax: vision-language-guided universal image restoration in JAX/Flax NNX.
 
-DA-CLIP (frozen CLIP + controller), the IR-SDE restorer, NAFNet with DA-CLIP and the wild-IR variant.
+DA-CLIP (frozen CLIP + controller), the IR-SDE restorer, NAFNet with DA-CLIP and the wild-IR
+variant.
 The library never imports TensorFlow; only `input_pipeline/` does.
 """
 

@@ -1,16 +1,16 @@
 """Declarative PyTorch -> Flax NNX weight conversion.
 
-A converter is a list of `Rule`s. Each rule matches PyTorch state_dict keys with a regular expression
-and names the Flax parameter path(s) it fills (a template using the regex groups) plus a transform of
-the array (transpose a conv kernel, split a fused q|k|v projection, ...). `convert` applies the rules
-and checks, in this order, that:
+A converter is a list of `Rule`s. Each rule matches PyTorch state_dict keys with a regular
+expression and names the Flax parameter path(s) it fills (a template using the regex groups) plus a
+transform of the array (transpose a conv kernel, split a fused q|k|v projection, ...). `convert`
+applies the rules and checks, in this order, that:
 
   * every source key is matched by exactly one rule or explicitly ignored,
   * every target parameter of the model is filled exactly once,
   * every filled array has the target's shape,
 
-and otherwise raises `ConversionError` naming the offending keys. The reference PyTorch code loads the
-restoration U-Net non-strictly (silently dropping mismatches); we never do.
+and otherwise raises `ConversionError` naming the offending keys. The reference PyTorch code loads
+the restoration U-Net non-strictly (silently dropping mismatches); we never do.
 
 Target paths are dotted strings over the model's `nnx.state(model, nnx.Param)` tree, e.g.
 "downs.0.block1.proj.kernel"; integer path components (list indices) are written as numbers.
@@ -171,6 +171,7 @@ def convert(
   unmatched: list[str] = []
   unknown_targets: list[str] = []
   shape_errors: list[str] = []
+  bad_shape_targets: set[str] = set()
 
   for key, value in state_dict.items():
     if any(r.fullmatch(key) for r in ignore_re):
@@ -197,8 +198,10 @@ def convert(
         unknown_targets.append(f"{key} -> {path}")
         continue
       if path in filled_by:
-        raise ConversionError(f"{what}: target {path!r} filled twice (by {filled_by[path]!r} and {key!r})")
+        raise ConversionError(
+            f"{what}: target {path!r} filled twice (by {filled_by[path]!r} and {key!r})")
       if tuple(res.shape) != tuple(target_shapes[path]):
+        bad_shape_targets.add(path)
         shape_errors.append(
             f"{key} (source shape {tuple(arr.shape)}) -> {path}: got {tuple(res.shape)}, "
             f"model expects {tuple(target_shapes[path])}"
@@ -207,7 +210,7 @@ def convert(
       filled_by[path] = key
       out[path] = res
 
-  missing = sorted(set(target_shapes) - set(filled_by) - {p.split(" -> ")[-1] for p in shape_errors})
+  missing = sorted(set(target_shapes) - set(filled_by) - bad_shape_targets)
   problems = []
   if unmatched:
     problems.append(f"unexpected keys in the {what} (no rule matches): {_fmt(unmatched)}")
