@@ -190,7 +190,8 @@ def scan_images(paths: Iterable[str], *, min_size: int = 0, name: str = "images"
   if paths:
     ds = tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64),
                                              tf.constant(paths)))
-    ds = ds.map(_probe, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    probe = tf.autograph.experimental.do_not_convert(_probe)
+    ds = ds.map(probe, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     ds = ds.ignore_errors().prefetch(tf.data.AUTOTUNE)
     for index, h, w, c, depth in ds.as_numpy_iterator():
       infos[int(index)] = ImageInfo(paths[int(index)], int(h), int(w), int(c), int(depth))
