@@ -26,8 +26,8 @@ from uir_jax.convert.common import (
   conv,
   convert,
   linear,
-  load_torch_file,
   param_shapes,
+  read_state_dict,
   split,
 )
 from uir_jax.models.clip import CLIP, CLIPConfig, get_config
@@ -256,17 +256,7 @@ def _named_config(config_name: str | CLIPConfig, act: str | None) -> CLIPConfig:
 # ----------------------------------------------------------------------------------------------
 
 
-def _read(path_or_state_dict: str | os.PathLike | StateDict) -> StateDict:
-  if isinstance(path_or_state_dict, (str, os.PathLike)):
-    path = os.fspath(path_or_state_dict)
-    if path.endswith(".safetensors"):
-      from safetensors.numpy import load_file
-
-      return load_file(path)
-    return load_torch_file(path)
-  if not isinstance(path_or_state_dict, Mapping):
-    raise ValueError(f"expected a path or a state_dict mapping, got {type(path_or_state_dict)}")
-  return path_or_state_dict
+_read = read_state_dict
 
 
 def unwrap_checkpoint(ckpt: StateDict) -> dict[str, Any]:

@@ -288,3 +288,21 @@ def load_torch_file(path: str) -> Mapping[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
   except Exception:  # noqa: BLE001 - numpy globals or old pickles
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_state_dict(path_or_state_dict: Any) -> Mapping[str, Any]:
+  """A state_dict from a .pt/.pth/.bin/.safetensors path, or the given mapping itself."""
+  import os
+
+  if isinstance(path_or_state_dict, (str, os.PathLike)):
+    path = os.fspath(path_or_state_dict)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.endswith(".safetensors"):
+      from safetensors.numpy import load_file
+
+      return load_file(path)
+    return load_torch_file(path)
+  if not isinstance(path_or_state_dict, Mapping):
+    raise ValueError(f"expected a path or a state_dict mapping, got {type(path_or_state_dict)}")
+  return path_or_state_dict
