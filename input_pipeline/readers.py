@@ -199,6 +199,40 @@ def _unpaired_source(name: str, paths: Sequence[str], captions: Sequence[str], *
                 np.arange(len(paths), dtype=np.int64), counts)
 
 
+def validate_pairs(lq: Sequence[str], gt: Sequence[str], *, min_size: int = 0,
+                   name: str = "pairs", validate: bool = True
+                   ) -> tuple[list[int], collections.Counter]:
+  """Indices of the LQ/GT pairs that decode and have equal sizes, and the counts (logged).
+
+  One scan of every distinct file (`image_io.scan_images`); a pair is skipped when either file is
+  undecodable ("corrupt" counts files) or when LQ and GT sizes differ ("size_mismatch" counts
+  pairs). "pairs" is the number kept.
+  """
+  n = len(lq)
+  if not validate:
+    return list(range(n)), collections.Counter(ok=n, pairs=n)
+  unique = sorted(set(lq) | set(gt))
+  scan = image_io.scan_images(unique, min_size=min_size, name=name, log=False)
+  info = dict(zip(unique, scan.infos, strict=True))
+  counts = scan.counts
+  keep, mismatched = [], []
+  for i in range(n):
+    a, b = info[lq[i]], info[gt[i]]
+    if a is None or b is None:
+      continue
+    if (a.height, a.width) != (b.height, b.width):
+      mismatched.append(lq[i])
+      continue
+    keep.append(i)
+  counts["size_mismatch"] = len(mismatched)
+  counts["pairs"] = len(keep)
+  image_io.log_summary(name, counts, bad_paths=scan.bad_paths)
+  if mismatched:
+    logging.warning("%s: skipped %d pair(s) whose LQ and GT sizes differ, e.g. %s", name,
+                    len(mismatched), mismatched[0])
+  return keep, counts
+
+
 def _paired_source(name: str, lq: Sequence[str], gt: Sequence[str], labels: Sequence[int],
                    captions: Sequence[str], degradations: Sequence[str], *, min_size: int,
                    validate: bool, sampler_for: Callable[[list[int]], Callable],
@@ -208,29 +242,7 @@ def _paired_source(name: str, lq: Sequence[str], gt: Sequence[str], labels: Sequ
   `sampler_for(keep)` / `eval_order_for(keep)` build the sampler and eval order from the indices
   of the pairs that survived the scan (kept in their original order).
   """
-  n = len(lq)
-  keep = list(range(n))
-  counts = collections.Counter(ok=n)
-  if validate:
-    unique = sorted(set(lq) | set(gt))
-    scan = image_io.scan_images(unique, min_size=min_size, name=name, log=False)
-    info = dict(zip(unique, scan.infos, strict=True))
-    counts = scan.counts
-    keep, mismatched = [], []
-    for i in range(n):
-      a, b = info[lq[i]], info[gt[i]]
-      if a is None or b is None:
-        continue
-      if (a.height, a.width) != (b.height, b.width):
-        mismatched.append(lq[i])
-        continue
-      keep.append(i)
-    counts["size_mismatch"] = len(mismatched)
-    counts["pairs"] = len(keep)
-    image_io.log_summary(name, counts, bad_paths=scan.bad_paths)
-    if mismatched:
-      logging.warning("%s: skipped %d pair(s) whose LQ and GT sizes differ, e.g. %s", name,
-                      len(mismatched), mismatched[0])
+  keep, counts = validate_pairs(lq, gt, min_size=min_size, name=name, validate=validate)
   if not keep:
     raise ValueError(f"{name}: no usable LQ/GT pairs")
   take = lambda xs: tf.constant([xs[i] for i in keep])

@@ -62,7 +62,7 @@ def make_universal_tree(root, rng, sizes=None, hw=(40, 48)):
   sizes = sizes or {"noisy": 3, "hazy": 1, "snowy": 2}
   for split in ("train", "val"):
     for deg, n in sizes.items():
-      d = readers.DEGRADATIONS.index(deg)
+      d = readers.DEGRADATIONS.index(deg) if deg in readers.DEGRADATIONS else 20
       for k in range(n):
         gt = random_rgb(rng, *hw)
         gt[..., 0] = 10 * d + k
@@ -311,3 +311,43 @@ def test_source_from_config_errors():
   cfg.source = "nope"
   with pytest.raises(ValueError, match="unknown data source"):
     readers.source_from_config(cfg, train=True)
+
+
+# --- (d) TFDS builder. ----------------------------------------------------------------------------
+
+
+def test_tfds_builder_from_manual_dir(tmp_path, rng):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from input_pipeline import tfds_universal
+
+  root = tmp_path / "manual"
+  sizes = make_universal_tree(str(root), rng, hw=(12, 10))
+  open(root / "val" / "snowy" / "GT" / "001.png", "wb").write(b"truncated")  # skipped pair
+  builder = tfds_universal.UniversalIr(data_dir=str(tmp_path / "tfds"))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+  info = builder.info
+  assert info.features["degradation"].names == list(readers.DEGRADATIONS)
+  assert info.splits["train"].num_examples == sum(sizes.values())
+  assert info.splits["validation"].num_examples == sum(sizes.values()) - 1
+  seen = set()
+  for ex in tfds.as_numpy(builder.as_dataset(split="train")):
+    deg = readers.DEGRADATIONS[ex["degradation"]]
+    name = ex["filename"].decode()
+    gt = np.asarray(Image.open(root / "train" / deg / "GT" / name))
+    lq = np.asarray(Image.open(root / "train" / deg / "LQ" / name))
+    np.testing.assert_array_equal(ex["gt"], gt)
+    np.testing.assert_array_equal(ex["lq"], lq)
+    seen.add((deg, name))
+  assert len(seen) == sum(sizes.values())
+
+
+def test_tfds_builder_rejects_unknown_folder(tmp_path, rng):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  from input_pipeline import tfds_universal
+
+  root = tmp_path / "manual"
+  make_universal_tree(str(root), rng, sizes={"noisy": 1, "blurry-ish": 1}, hw=(8, 8))
+  builder = tfds_universal.UniversalIr(data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(ValueError, match="blurry-ish"):
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
