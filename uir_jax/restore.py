@@ -57,7 +57,8 @@ def _embed_fn(graphdef: Any) -> Callable[..., tuple[Array, Array]]:
   @jax.jit
   def embed(state, images):
     model = nnx.merge(graphdef, state)
-    content, degradation = model.encode_image(clip_preprocess(images), control=True)
+    size = model.config.image_size  # 224 for the released models
+    content, degradation = model.encode_image(clip_preprocess(images, size), control=True)
     return content.astype(jnp.float32), degradation.astype(jnp.float32)
 
   return embed
@@ -67,7 +68,8 @@ def daclip_embeddings(daclip: nnx.Module, images: Array) -> tuple[Array, Array]:
   """(content, degradation) embeddings of LQ images [B, H, W, 3] in [0, 1], unnormalised.
 
   Applies the CLIP transform (uint8 truncation, PIL-exact bicubic resize of the shortest side to
-  224, centre crop, OpenAI normalisation) like the reference's `clip_transform` (spec §10 step 2).
+  the model's image size (224), centre crop, OpenAI normalisation) like the reference's
+  `clip_transform` (spec §10 step 2).
   """
   graphdef, state = nnx.split(daclip)
   return _embed_fn(graphdef)(state, jnp.asarray(images, jnp.float32))
