@@ -1,0 +1,186 @@
+"""NAFNet / ConditionalNAFNet (+ DA-CLIP variant): structure and behaviour of the Flax models, and
+parity with our PyTorch reference (`tests/torch_nafnet.py`) through `load_nafnet`.
+
+Models are built abstractly and filled with NumPy random weights (`_random_model`) and run under one
+jit (`_apply`): eager initialisation and op-by-op dispatch compile hundreds of tiny programs."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from uir_jax.convert.common import assign, param_shapes
+from uir_jax.models.nafnet import ConditionalNAFNet, NAFBlock, NAFNet, count_params
+
+H, W = 37, 45  # odd: exercises the padding to a multiple of 2^len(enc_blk_nums)
+CTX = 16
+# Two levels (pad to a multiple of 4); the middle has 32 channels, the SpatialTransformer's minimum
+# (GroupNorm with 32 groups, one 32-channel head).
+SMALL = dict(middle_blk_num=2, enc_blk_nums=(1, 2), dec_blk_nums=(2, 1))
+COND = dict(nf=8, **SMALL, context_dim=CTX)  # one architecture shared by tests: one compile
+TOL = 1e-4
+
+
+def _random_model(cls, seed: int = 0, **kw):
+  """`cls(**kw)` with random weights everywhere, zero-inits (β, γ, proj_out) included, so that
+  every branch matters. Norm gains are 1 + noise."""
+  model = nnx.eval_shape(lambda: cls(**kw, rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for path, shape in param_shapes(model).items():
+    if len(shape) >= 2 and path != "prompt":
+      flat[path] = rng.normal(size=shape) / np.sqrt(np.prod(shape[:-1]))
+    else:
+      gain = path.endswith((".g", ".scale"))
+      flat[path] = float(gain) + 0.2 * rng.normal(size=shape)
+  assign(model, flat)
+  return model
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _call(graphdef, state, args, kwargs):
+  return nnx.merge(graphdef, state)(*args, **kwargs)
+
+
+def _apply(model, *args, **kwargs):
+  """model(*args, **kwargs) under jit (compiled once per architecture and input shapes)."""
+  graphdef, state = nnx.split(model)
+  return _call(graphdef, state, args, kwargs)
+
+
+def _inputs(b: int = 2, seed: int = 0):
+  r = np.random.default_rng(seed)
+  xt = jnp.asarray(r.uniform(0, 1, (b, H, W, 3)), jnp.float32)
+  mu = jnp.asarray(r.uniform(0, 1, (b, H, W, 3)), jnp.float32)
+  text = jnp.asarray(r.normal(size=(b, CTX)), jnp.float32)
+  image = jnp.asarray(r.normal(size=(b, CTX)), jnp.float32)
+  return xt, mu, jnp.array([3, 71][:b]), text, image
+
+
+def test_nafnet_is_a_residual_regressor():
+  net = _random_model(NAFNet, width=8, middle_blk_num=1, enc_blk_nums=(1, 2),
+                      dec_blk_nums=(1, 1))
+  x = _inputs()[0]
+  out = _apply(net, x)
+  assert out.shape == x.shape and out.dtype == jnp.float32
+  assert float(jnp.max(jnp.abs(out - x))) > 1e-2  # the trunk contributes
+  # With a zero `ending` the network is exactly the identity: out = ending(...) + input.
+  net.ending.kernel[...] = jnp.zeros_like(net.ending.kernel[...])
+  net.ending.bias[...] = jnp.zeros_like(net.ending.bias[...])
+  np.testing.assert_array_equal(np.asarray(_apply(net, x)), np.asarray(x))
+
+
+def test_nafblock_starts_as_identity():
+  blk = NAFBlock(16, 32, norm="channel", rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 5, 7, 16))
+  emb = jax.random.normal(jax.random.key(1), (2, 32))
+  np.testing.assert_array_equal(np.asarray(_apply(blk, x, emb)), np.asarray(x))  # β = γ = 0
+  blk.beta[...] = jnp.full((16,), 0.5)
+  assert float(jnp.max(jnp.abs(_apply(blk, x, emb) - x))) > 1e-4
+  blk.beta[...] = jnp.zeros((16,))
+  blk.gamma[...] = jnp.full((16,), 0.5)
+  assert float(jnp.max(jnp.abs(_apply(blk, x, emb) - x))) > 1e-4
+
+
+def test_default_sizes_and_param_counts():
+  # Refusion's ConditionalNAFNet (width 64, enc [1, 1, 1, 28]), abstractly: the NAFNet trunk of the
+  # same sizes (GoPro width 64, 67.89 M) plus a 6-channel intro, the time MLP and one
+  # Linear(128 -> 4c) per block, minus the LayerNorm biases (IR-SDE's norm has a gain only).
+  cond = nnx.eval_shape(lambda: ConditionalNAFNet(rngs=nnx.Rngs(0)))
+  assert cond.pad_multiple == 16 and not cond.use_degra_context and not cond.use_image_context
+  plain = nnx.eval_shape(lambda: NAFNet(width=64, middle_blk_num=1, enc_blk_nums=(1, 1, 1, 28),
+                                        dec_blk_nums=(1, 1, 1, 1), rngs=nnx.Rngs(0)))
+  time_mlp = 64 * 512 + 512 + 256 * 256 + 256
+  chans = [64, 128, 256, 512, 1024, 512, 256, 128, 64]
+  counts = [1, 1, 1, 28, 1, 1, 1, 1, 1]
+  block_mlps = sum(n * (128 * 4 * c + 4 * c) for c, n in zip(chans, counts, strict=True))
+  norm_biases = sum(n * 2 * c for c, n in zip(chans, counts, strict=True))
+  assert count_params(plain) == 67_888_835
+  assert count_params(cond) == (count_params(plain) + 3 * 9 * 64 + time_mlp + block_mlps
+                                - norm_biases)
+  off = nnx.eval_shape(lambda: ConditionalNAFNet(**dict(COND, context_dim=0), rngs=nnx.Rngs(0)))
+  on = nnx.eval_shape(lambda: ConditionalNAFNet(**COND, rngs=nnx.Rngs(0)))
+  assert on.use_degra_context and on.use_image_context and on.context_dim == CTX
+  assert not off.use_degra_context and not off.use_image_context
+  # prompt + text_mlp + prompt_mlp, and one SpatialTransformer(32) per middle block replacing SCA.
+  e, c = 32, 32
+  prompt = e + (CTX * e + e) + (e * e + e) + (e * e + e)
+  st = (2 * c) + (c * c + c) + (c * c + c) + 3 * (2 * c) + (3 * c * c + c * c + c) \
+      + (c * c + 2 * CTX * c + c * c + c) + (c * 8 * c + 8 * c) + (4 * c * c + c)
+  assert count_params(on) - count_params(off) == prompt + 2 * (st - (c * c + c))
+
+
+def test_conditional_padding_is_zero_padding_and_cropped():
+  model = _random_model(ConditionalNAFNet, **COND)
+  xt, mu, t, text, image = _inputs()
+  kw = dict(text_context=text, image_context=image)
+  out = _apply(model, xt, mu, t, **kw)
+  assert out.shape == (2, H, W, 3) and out.dtype == jnp.float32
+  assert model.pad_multiple == 4
+  # Padding x_t and μ with zeros ourselves (to 40 x 48) gives the same numbers on the crop.
+  pad = lambda a: jnp.pad(a, ((0, 0), (0, 3), (0, 3), (0, 0)))
+  ref = _apply(model, pad(xt), pad(mu), t, **kw)[:, :H, :W]
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+  # The output is the predicted noise, not a residual on the input: nothing survives a zero
+  # `ending`.
+  model.ending.kernel[...] = jnp.zeros_like(model.ending.kernel[...])
+  model.ending.bias[...] = jnp.zeros_like(model.ending.bias[...])
+  np.testing.assert_array_equal(np.asarray(_apply(model, xt, mu, t, **kw)), 0.0)
+
+
+def test_conditioning_paths_matter():
+  xt, mu, t, text, image = _inputs()
+  model = _random_model(ConditionalNAFNet, **COND)
+  base = _apply(model, xt, mu, t, text_context=text, image_context=image)
+  diff = lambda a: float(jnp.max(jnp.abs(a - base)))
+  assert diff(_apply(model, xt, mu, t[::-1], text_context=text, image_context=image)) > 1e-3
+  assert diff(_apply(model, xt, mu, t, text_context=text[::-1], image_context=image)) > 1e-3
+  assert diff(_apply(model, xt, mu, t, text_context=text, image_context=image[::-1])) > 1e-3
+  # A scalar time broadcasts over the batch.
+  np.testing.assert_allclose(
+      np.asarray(_apply(model, xt, mu, 3, text_context=text, image_context=image)[0]),
+      np.asarray(base[0]), atol=1e-5)
+
+
+def test_bad_inputs_raise():
+  model = _random_model(ConditionalNAFNet, **COND)
+  xt, mu, t, text, image = _inputs()
+  with pytest.raises(ValueError, match="image_context"):
+    model(xt, mu, t, text_context=text)
+  with pytest.raises(ValueError, match="text_context must be"):
+    model(xt, mu, t, text_context=text[:, :5], image_context=image)
+  with pytest.raises(ValueError, match="same shape"):
+    model(xt, mu[:, :-1], t, text_context=text, image_context=image)
+  with pytest.raises(ValueError, match="decoder"):
+    nnx.eval_shape(lambda: ConditionalNAFNet(nf=16, enc_blk_nums=(1, 1), dec_blk_nums=(1,),
+                                             rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="norm"):
+    nnx.eval_shape(lambda: NAFNet(width=8, norm="batch", rngs=nnx.Rngs(0)))
+
+
+def test_jit_and_bfloat16():
+  model = _random_model(ConditionalNAFNet, **COND)
+  model16 = _random_model(ConditionalNAFNet, **COND, dtype=jnp.bfloat16)
+  xt, mu, t, text, image = _inputs()
+  ref = _apply(model, xt, mu, t, text_context=text, image_context=image)
+  out = _apply(model16, xt, mu, t, text_context=text, image_context=image)
+  assert out.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out)))
+  rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+  assert 0 < rel < 0.05, rel  # really computed in bf16, and tracks fp32
+
+
+def test_nafnet_daclip_variant_runs():
+  net = _random_model(NAFNet, width=8, **SMALL, context_dim=CTX)
+  assert net.use_degra_context and net.use_image_context
+  xt, _, _, text, image = _inputs()
+  base = _apply(net, xt, text_context=text, image_context=image)
+  assert base.shape == xt.shape
+  assert float(jnp.max(jnp.abs(_apply(net, xt, text_context=text[::-1],
+                                      image_context=image) - base))) > 1e-3
+  with pytest.raises(ValueError, match="text_context"):
+    net(xt, image_context=image)
