@@ -1,0 +1,186 @@
+"""ConditionalUNet speed and memory: forward, train step, 100-step restoration, large images.
+
+Measures the released universal-ir architecture (nf 64, ch_mult 1,2,4,8, context 512, random
+weights) on the default JAX device:
+
+  * forward and train-step (IR-SDE maximum-likelihood loss, AdamW) images/s and the compiled
+    temp memory (XLA memory_analysis) at --batch x --size^2, for each --dtypes entry;
+  * time to restore one --size^2 image with --steps posterior steps, compile time reported apart;
+  * with --large N (e.g. 1024): compile the NxN forward, report its temp memory for the chosen
+    attention implementation and, unless --large-compile-only, run it once.
+
+  python benchmarks/unet.py                                   # issue defaults: batch 16, 256^2
+  python benchmarks/unet.py --batch 2 --size 128 --steps 10 --dtypes float32   # quick, on a CPU
+  python benchmarks/unet.py --only large --large 1024
+
+Prints JSON lines: name, device, value, unit (+ shape, dtype, extras).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from uir_jax import losses
+from uir_jax.models.unet import ConditionalUNet
+from uir_jax.restore import make_eps_fn
+from uir_jax.sde import IRSDE
+
+
+def _device() -> str:
+  d = jax.devices()[0]
+  kind = getattr(d, "device_kind", "")
+  return d.platform if kind in ("", d.platform) else f"{d.platform}:{kind}"
+
+
+def _emit(**kw):
+  print(json.dumps(kw), flush=True)
+
+
+def _timeit(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())  # warm-up (compiled already)
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / repeats
+
+
+def _memory(compiled) -> dict:
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  return dict(temp_gib=round(m.temp_size_in_bytes / 2**30, 3),
+              argument_gib=round(m.argument_size_in_bytes / 2**30, 3),
+              output_gib=round(m.output_size_in_bytes / 2**30, 3))
+
+
+def bench_forward_and_train(args, dtype: str):
+  dev = _device()
+  model = ConditionalUNet(rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype),
+                          attention_impl=args.attention)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  sde = IRSDE()
+  b, s = args.batch, args.size
+  k = jax.random.split(jax.random.key(0), 4)
+  gt = jax.random.uniform(k[0], (b, s, s, 3))
+  lq = jnp.clip(gt + 0.1 * jax.random.normal(k[1], gt.shape), 0, 1)
+  text = jax.random.normal(k[2], (b, 512))
+  image = jax.random.normal(k[3], (b, 512))
+  base = dict(device=dev, shape=[b, s, s, 3], dtype=dtype, attention=args.attention)
+
+  def forward(params, x, mu):
+    m = nnx.merge(graphdef, params, rest)
+    return m(x, mu, jnp.full((b,), 50), text_context=text, image_context=image)
+
+  t0 = time.perf_counter()
+  fwd = jax.jit(forward).lower(params, lq, lq).compile()
+  compile_s = time.perf_counter() - t0
+  sec = _timeit(lambda: fwd(params, lq, lq), args.repeats)
+  _emit(name="unet/forward_images_per_s", value=round(b / sec, 3), unit="images/s",
+        compile_s=round(compile_s, 1), **_memory(fwd), **base)
+
+  tx = optax.adamw(2e-4, b1=0.9, b2=0.99)
+  opt = tx.init(params)
+
+  def train_step(params, opt, key):
+    def loss_fn(p):
+      t, xt, _ = sde.random_states(key, gt, lq)
+      m = nnx.merge(graphdef, p, rest)
+      eps = m(xt, lq, t, text_context=text, image_context=image).astype(jnp.float32)
+      pred, target = sde.training_pair(eps, xt, gt, lq, t)
+      return losses.matching_loss(pred, target, kind="l1")
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt, loss
+
+  t0 = time.perf_counter()
+  step = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt, k[0]).compile()
+  compile_s = time.perf_counter() - t0
+  state = [params, opt]
+
+  def run():
+    state[0], state[1], loss = step(state[0], state[1], k[0])
+    return loss
+
+  sec = _timeit(run, args.repeats)
+  _emit(name="unet/train_step_images_per_s", value=round(b / sec, 3), unit="images/s",
+        compile_s=round(compile_s, 1), **_memory(step), **base)
+
+
+def bench_restore(args, dtype: str):
+  model = ConditionalUNet(rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype),
+                          attention_impl=args.attention)
+  s = args.size
+  lq = jax.random.uniform(jax.random.key(1), (1, s, s, 3))
+  ctx = jax.random.normal(jax.random.key(2), (1, 512))
+  eps_fn, eps_args = make_eps_fn(model, text_context=ctx, image_context=ctx)
+  sde = IRSDE()
+  run = lambda seed: sde.sample(eps_fn, lq, jax.random.key(seed), "posterior", args.steps,
+                                eps_args=eps_args)
+  t0 = time.perf_counter()
+  jax.block_until_ready(run(0))
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  jax.block_until_ready(run(1))
+  sec = time.perf_counter() - t0
+  _emit(name="unet/restore_one_image", value=round(sec, 3), unit="s", steps=args.steps,
+        compile_s=round(max(first - sec, 0.0), 1), device=_device(), shape=[1, s, s, 3],
+        dtype=dtype, attention=args.attention)
+
+
+def bench_large(args):
+  n = args.large
+  dtype = jnp.dtype(args.dtypes[0])
+  model = ConditionalUNet(rngs=nnx.Rngs(0), dtype=dtype, attention_impl=args.attention)
+  graphdef, state = nnx.split(model)
+  x = jax.random.uniform(jax.random.key(0), (1, n, n, 3))
+  ctx = jax.random.normal(jax.random.key(1), (1, 512))
+
+  def fwd(state, x, c):
+    return nnx.merge(graphdef, state)(x, x, 50, text_context=c, image_context=c)
+
+  t0 = time.perf_counter()
+  compiled = jax.jit(fwd).lower(state, x, ctx).compile()
+  compile_s = time.perf_counter() - t0
+  base = dict(device=_device(), shape=[1, n, n, 3], dtype=str(dtype), attention=args.attention)
+  _emit(name="unet/large_forward_compiled_memory", value=_memory(compiled).get("temp_gib"),
+        unit="GiB temp", compile_s=round(compile_s, 1), **_memory(compiled), **base)
+  if not args.large_compile_only:
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(compiled(state, x, ctx))
+    _emit(name="unet/large_forward_time", value=round(time.perf_counter() - t0, 2), unit="s",
+          finite=bool(jnp.isfinite(out).all()), **base)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--size", type=int, default=256)
+  p.add_argument("--steps", type=int, default=100, help="posterior steps of the restore timing")
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+  p.add_argument("--attention", default="auto",
+                 choices=["auto", "naive", "xla", "cudnn", "blockwise"])
+  p.add_argument("--only", choices=["throughput", "restore", "large"], default=None)
+  p.add_argument("--large", type=int, default=0, help="also compile (and run) an NxN forward")
+  p.add_argument("--large-compile-only", action="store_true")
+  args = p.parse_args(argv)
+  for dtype in args.dtypes:
+    if args.only in (None, "throughput"):
+      bench_forward_and_train(args, dtype)
+    if args.only in (None, "restore"):
+      bench_restore(args, dtype)
+  if args.large and args.only in (None, "large"):
+    bench_large(args)
+
+
+if __name__ == "__main__":
+  main()
