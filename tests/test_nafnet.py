@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from uir_jax.convert.common import assign, param_shapes
+from uir_jax.convert.common import ConversionError, assign, param_shapes
+from uir_jax.convert.nafnet import expected_keys, infer_options, load_nafnet
 from uir_jax.models.nafnet import ConditionalNAFNet, NAFBlock, NAFNet, count_params
 
 H, W = 37, 45  # odd: exercises the padding to a multiple of 2^len(enc_blk_nums)
@@ -87,6 +88,7 @@ def test_nafblock_starts_as_identity():
   assert float(jnp.max(jnp.abs(_apply(blk, x, emb) - x))) > 1e-4
 
 
+@pytest.mark.slow  # ~15 s: abstract full-size models
 def test_default_sizes_and_param_counts():
   # Refusion's ConditionalNAFNet (width 64, enc [1, 1, 1, 28]), abstractly: the NAFNet trunk of the
   # same sizes (GoPro width 64, 67.89 M) plus a 6-channel intro, the time MLP and one
@@ -184,3 +186,117 @@ def test_nafnet_daclip_variant_runs():
                                       image_context=image) - base))) > 1e-3
   with pytest.raises(ValueError, match="text_context"):
     net(xt, image_context=image)
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch parity and conversion (reference: tests/torch_nafnet.py, written from the spec).
+# ----------------------------------------------------------------------------------------------
+
+
+def _torch_model(name: str, seed: int = 0, **kw):
+  torch_nafnet = pytest.importorskip("torch_nafnet")
+  import torch
+
+  torch.manual_seed(seed)
+  return torch_nafnet.perturb_(getattr(torch_nafnet, name)(**kw), seed=seed).eval()
+
+
+def _nchw(a):
+  import torch
+
+  return torch.tensor(np.asarray(a).transpose(0, 3, 1, 2))
+
+
+def _torch_out(tm, *args, **kw):
+  import torch
+
+  with torch.no_grad():
+    out = tm(*args, **kw).numpy()
+  return out.transpose(0, 2, 3, 1)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("context_dim", [0, CTX], ids=["irsde", "daclip"])
+def test_conditional_parity_with_pytorch(context_dim):
+  import torch
+
+  kw = dict(COND, context_dim=context_dim)
+  tm = _torch_model("TorchConditionalNAFNet", **kw)
+  model = load_nafnet(tm.state_dict())
+  assert isinstance(model, ConditionalNAFNet) and model.norm == "channel"
+  assert (model.nf, model.enc_blk_nums, model.dec_blk_nums, model.middle_blk_num) == (
+      8, (1, 2), (2, 1), 2)
+  assert model.use_degra_context == model.use_image_context == bool(context_dim)
+  xt, mu, t, text, image = _inputs()
+  ctx = dict(text_context=text, image_context=image) if context_dim else {}
+  ref = _torch_out(tm, _nchw(xt), _nchw(mu), torch.tensor(np.asarray(t)),
+                   **{k: torch.tensor(np.asarray(v)) for k, v in ctx.items()})
+  out = np.asarray(_apply(model, xt, mu, t, **ctx))
+  assert np.abs(ref).max() > 0.1  # non-trivial
+  np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+  if context_dim:  # the DA-CLIP inputs reach the output in both implementations
+    other = _torch_out(tm, _nchw(xt), _nchw(mu), torch.tensor(np.asarray(t)),
+                       text_context=torch.tensor(np.asarray(text[::-1])),
+                       image_context=torch.tensor(np.asarray(image)))
+    assert np.abs(other - ref).max() > 1e-5
+
+
+@pytest.mark.torch
+def test_nafnet_parity_layernorm2d_wrapped_checkpoint(tmp_path):
+  import torch
+
+  kw = dict(width=8, **SMALL, context_dim=CTX)
+  tm = _torch_model("TorchNAFNet", seed=2, **kw)
+  # A megvii/BasicSR-style file: {"params": state_dict}, saved from DataParallel ("module.").
+  path = tmp_path / "nafnet.pth"
+  torch.save({"params": {f"module.{k}": v for k, v in tm.state_dict().items()}}, path)
+  net = load_nafnet(str(path), width=8, norm="layernorm2d")
+  assert isinstance(net, NAFNet) and net.norm == "layernorm2d"
+  xt, _, _, text, image = _inputs(seed=1)
+  ref = _torch_out(tm, _nchw(xt), text_context=torch.tensor(np.asarray(text)),
+                   image_context=torch.tensor(np.asarray(image)))
+  out = np.asarray(_apply(net, xt, text_context=text, image_context=image))
+  assert np.abs(ref - np.asarray(xt)).max() > 0.1
+  np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+
+
+@pytest.mark.slow  # ~12 s: a 77 M-parameter PyTorch model and its conversion
+@pytest.mark.torch
+def test_full_size_daclip_layout_loads():
+  # Refusion's sizes with DA-CLIP ViT-B-32 conditioning: every key maps, counts agree.
+  tm = _torch_model("TorchConditionalNAFNet", nf=64, middle_blk_num=1,
+                    enc_blk_nums=(1, 1, 1, 28), dec_blk_nums=(1, 1, 1, 1), context_dim=512)
+  sd = tm.state_dict()
+  model = load_nafnet(sd, context_dim=512)
+  assert sorted(sd) == expected_keys(model)
+  assert count_params(model) == sum(p.numel() for p in tm.parameters())
+  got = np.asarray(model.middle_blks[0].att.block.attn2.to_k.kernel[...])
+  np.testing.assert_array_equal(
+      got, sd["middle_blks.0.att.transformer_blocks.0.attn2.to_k.weight"].numpy().T)
+
+
+@pytest.mark.torch
+def test_conversion_errors_name_the_key():
+  tm = _torch_model("TorchConditionalNAFNet", **COND)
+  sd = dict(tm.state_dict())
+  assert infer_options(sd) == dict(
+      conditional=True, in_nc=3, out_nc=3, nf=8, middle_blk_num=2, enc_blk_nums=(1, 2),
+      dec_blk_nums=(2, 1), context_dim=CTX, use_degra_context=True, use_image_context=True,
+      norm="channel")
+  missing = {k: v for k, v in sd.items() if k != "encoders.1.1.sca.1.bias"}
+  with pytest.raises(ConversionError, match=r"missing.*'encoders\.1\.1\.sca\.1\.bias'"):
+    load_nafnet(missing)
+  bad = dict(sd, **{"decoders.0.1.conv2.weight": sd["decoders.0.1.conv2.weight"][:-1]})
+  with pytest.raises(ConversionError, match=r"decoders\.0\.1\.conv2\.weight"):
+    load_nafnet(bad)
+  extra = dict(sd, **{"middle_blks.0.att.extra.weight": sd["prompt"]})
+  with pytest.raises(ConversionError, match=r"middle_blks\.0\.att\.extra\.weight"):
+    load_nafnet(extra)
+  with pytest.raises(ConversionError, match="nf=8"):
+    load_nafnet(sd, nf=64)
+  with pytest.raises(ConversionError, match="conditional"):
+    load_nafnet(sd, conditional=False)
+  with pytest.raises(ValueError, match="unknown NAFNet option"):
+    load_nafnet(sd, widht=3)
+  with pytest.raises(ConversionError, match="not a NAFNet"):
+    load_nafnet({"foo": sd["prompt"]})
