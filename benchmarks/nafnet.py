@@ -1,0 +1,143 @@
+"""NAFNet speed and memory: forward and train-step images/s, compiled temp memory.
+
+Measures, with random weights on the default JAX device:
+
+  * `conditional`: IR-SDE/Refusion's ConditionalNAFNet (width 64, enc 1,1,1,28) — the denoiser of
+    the diffusion restorer — with DA-CLIP conditioning (context 512) unless --no-context;
+    train step = IR-SDE maximum-likelihood loss + AdamW, as for the U-Net;
+  * `plain`: NAFNet-SIDD-width64 (direct regression; --context adds the DA-CLIP variant);
+    train step = L1 to a target + AdamW.
+
+  python benchmarks/nafnet.py                                        # batch 16, 256^2, both dtypes
+  python benchmarks/nafnet.py --batch 2 --size 64 --dtypes float32 --repeats 1   # quick, CPU
+
+Prints JSON lines: name, device, value, unit (+ shape, dtype, params, compile_s, memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from uir_jax import losses
+from uir_jax.models.nafnet import ConditionalNAFNet, NAFNet, count_params
+from uir_jax.sde import IRSDE
+
+
+def _device() -> str:
+  d = jax.devices()[0]
+  kind = getattr(d, "device_kind", "")
+  return d.platform if kind in ("", d.platform) else f"{d.platform}:{kind}"
+
+
+def _emit(**kw):
+  print(json.dumps(kw), flush=True)
+
+
+def _timeit(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())  # warm-up (compiled already)
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / repeats
+
+
+def _memory(compiled) -> dict:
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  return dict(temp_gib=round(m.temp_size_in_bytes / 2**30, 3),
+              argument_gib=round(m.argument_size_in_bytes / 2**30, 3))
+
+
+def _build(which: str, context_dim: int, dtype):
+  make = (lambda: ConditionalNAFNet(context_dim=context_dim, rngs=nnx.Rngs(0), dtype=dtype)) \
+      if which == "conditional" else \
+      (lambda: NAFNet(context_dim=context_dim, rngs=nnx.Rngs(0), dtype=dtype))
+  # Initialise under one jit: eager init compiles one small program per parameter shape.
+  graphdef, _ = nnx.split(nnx.eval_shape(make))
+  params = jax.jit(lambda: nnx.state(make()))()
+  return graphdef, params
+
+
+def bench(args, which: str, dtype_name: str):
+  dtype = jnp.dtype(dtype_name)
+  ctx_dim = args.context_dim if args.context else 0
+  graphdef, params = _build(which, ctx_dim, dtype)
+  b, s = args.batch, args.size
+  k = jax.random.split(jax.random.key(0), 4)
+  gt = jax.random.uniform(k[0], (b, s, s, 3))
+  lq = jnp.clip(gt + 0.1 * jax.random.normal(k[1], gt.shape), 0, 1)
+  ctx = dict(text_context=jax.random.normal(k[2], (b, ctx_dim)),
+             image_context=jax.random.normal(k[3], (b, ctx_dim))) if ctx_dim else {}
+  sde = IRSDE()
+
+  def apply(p, x, mu, t):
+    m = nnx.merge(graphdef, p)
+    return m(x, mu, t, **ctx) if which == "conditional" else m(mu, **ctx)
+
+  base = dict(device=_device(), shape=[b, s, s, 3], dtype=dtype_name, context_dim=ctx_dim,
+              params=count_params(nnx.merge(graphdef, params)))
+  t0 = time.perf_counter()
+  fwd = jax.jit(apply).lower(params, lq, lq, jnp.full((b,), 50)).compile()
+  compile_s = time.perf_counter() - t0
+  sec = _timeit(lambda: fwd(params, lq, lq, jnp.full((b,), 50)), args.repeats)
+  _emit(name=f"nafnet_{which}/forward_images_per_s", value=round(b / sec, 3), unit="images/s",
+        compile_s=round(compile_s, 1), **_memory(fwd), **base)
+
+  tx = optax.adamw(2e-4, b1=0.9, b2=0.99)
+  opt = tx.init(params)
+
+  def train_step(p, opt, key):
+    def loss_fn(p):
+      if which == "conditional":
+        t, xt, _ = sde.random_states(key, gt, lq)
+        eps = apply(p, xt, lq, t).astype(jnp.float32)
+        pred, target = sde.training_pair(eps, xt, gt, lq, t)
+        return losses.matching_loss(pred, target, kind="l1")
+      return jnp.mean(jnp.abs(apply(p, lq, lq, None) - gt))
+
+    loss, grads = jax.value_and_grad(loss_fn)(p)
+    updates, opt = tx.update(grads, opt, p)
+    return optax.apply_updates(p, updates), opt, loss
+
+  t0 = time.perf_counter()
+  step = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt, k[0]).compile()
+  compile_s = time.perf_counter() - t0
+  state = [params, opt]
+
+  def run():
+    state[0], state[1], loss = step(state[0], state[1], k[0])
+    return loss
+
+  sec = _timeit(run, args.repeats)
+  _emit(name=f"nafnet_{which}/train_step_images_per_s", value=round(b / sec, 3),
+        unit="images/s", compile_s=round(compile_s, 1), **_memory(step), **base)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--size", type=int, default=256)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+  p.add_argument("--models", nargs="+", default=["conditional", "plain"],
+                 choices=["conditional", "plain"])
+  p.add_argument("--context", action=argparse.BooleanOptionalAction, default=True,
+                 help="DA-CLIP conditioning (degradation prompt + middle cross-attention)")
+  p.add_argument("--context-dim", type=int, default=512)
+  args = p.parse_args(argv)
+  for dtype in args.dtypes:
+    for which in args.models:
+      bench(args, which, dtype)
+
+
+if __name__ == "__main__":
+  main()
