@@ -73,3 +73,21 @@ def test_restorer_with_daclip_conditioning():
 def test_to_uint8_rounds_and_clamps():
   x = np.array([[-0.1, 0.0, 0.5, 1.0, 1.2, 0.998]])
   np.testing.assert_array_equal(restore.to_uint8(x), [[0, 0, 128, 255, 255, 254]])
+
+
+@pytest.mark.torch
+def test_load_denoiser_tells_unet_and_nafnet_apart():
+  torch_nafnet = pytest.importorskip("torch_nafnet")
+  torch_unet = pytest.importorskip("torch_unet")
+  from uir_jax.convert.common import ConversionError
+  from uir_jax.models.nafnet import ConditionalNAFNet
+
+  unet_sd = torch_unet.ConditionalUNet(nf=32, ch_mult=(1, 2), context_dim=16).state_dict()
+  assert isinstance(restore.load_denoiser(unet_sd), ConditionalUNet)
+  naf = torch_nafnet.TorchConditionalNAFNet(nf=8, enc_blk_nums=(1,), middle_blk_num=1,
+                                            dec_blk_nums=(1,))
+  assert isinstance(restore.load_denoiser(naf.state_dict()), ConditionalNAFNet)
+  plain = torch_nafnet.TorchNAFNet(width=8, enc_blk_nums=(1,), middle_blk_num=1,
+                                   dec_blk_nums=(1,))
+  with pytest.raises(ConversionError, match="not an IR-SDE denoiser"):
+    restore.load_denoiser(plain.state_dict())

@@ -50,6 +50,22 @@ def make_eps_fn(model: nnx.Module, *, text_context: Array | None = None,
   return denoiser_eps_fn(graphdef), (state, text_context, image_context)
 
 
+def load_denoiser(path_or_state_dict: Any) -> nnx.Module:
+  """A ConditionalUNet or ConditionalNAFNet from a PyTorch state_dict (file or mapping)."""
+  from uir_jax.convert import nafnet, unet
+  from uir_jax.convert.common import ConversionError, read_state_dict
+
+  sd = read_state_dict(path_or_state_dict)
+  keys = set(nafnet.unwrap_state_dict(sd))
+  if "intro.weight" in keys:
+    if "time_mlp.1.weight" not in keys:
+      raise ConversionError("this NAFNet checkpoint has no time embedding: it is a direct "
+                            "regression model, not an IR-SDE denoiser (use load_nafnet and call "
+                            "it on the degraded image)")
+    return nafnet.load_nafnet(sd)
+  return unet.load_unet(sd)
+
+
 @functools.cache
 def _embed_fn(graphdef: Any) -> Callable[..., tuple[Array, Array]]:
   from uir_jax.preprocess import clip_preprocess
@@ -97,15 +113,14 @@ class Restorer:
 
   @classmethod
   def from_checkpoints(cls, daclip_path: str | None, unet_path: str, **kwargs) -> Restorer:
-    """Builds a restorer from the released PyTorch files (DA-CLIP `.pt`, U-Net `.pth`)."""
-    from uir_jax.convert.unet import load_unet
-
+    """Builds a restorer from PyTorch files: DA-CLIP `.pt` and the denoiser `.pth` (an IR-SDE
+    ConditionalUNet such as `universal-ir.pth`, or a ConditionalNAFNet, told apart by its keys)."""
     daclip = None
     if daclip_path is not None:
       from uir_jax.convert.clip import load_daclip
 
       daclip = load_daclip(daclip_path)
-    return cls(load_unet(unet_path), daclip, **kwargs)
+    return cls(load_denoiser(unet_path), daclip, **kwargs)
 
   def conditioning(self, images: Array) -> tuple[Array | None, Array | None]:
     """(text_context, image_context) = (degradation, content) embeddings the model uses."""
