@@ -21,7 +21,8 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for summaries, checkpoints and images.")
 # restore
-flags.DEFINE_string("unet", None, "Restoration network checkpoint (.pth state_dict).")
+flags.DEFINE_string("unet", None, "Denoiser checkpoint (.pth state_dict): an IR-SDE "
+                    "ConditionalUNet (universal-ir.pth, wild-ir.pth) or a ConditionalNAFNet.")
 flags.DEFINE_string("daclip", None, "DA-CLIP checkpoint (.pt); omit for unconditional models.")
 flags.DEFINE_string("output_dir", "restored", "Where restored PNGs are written.")
 flags.DEFINE_enum("mode", "posterior", ["posterior", "sde", "ode"], "IR-SDE sampler.")
