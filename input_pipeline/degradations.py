@@ -454,33 +454,53 @@ def random_permutation(seed, n):
   return tf.argsort(tf.random.stateless_uniform([n], seed), stable=True)
 
 
+def _ctx_signature(ctx):
+  return {"size": tf.TensorSpec([2], tf.int32),
+          "gates": {k: tf.TensorSpec([], tf.bool) for k in sorted(ctx["gates"])}}
+
+
+def _ctx_args(ctx):
+  return {"size": tf.cast(ctx["size"], tf.int32), "gates": ctx["gates"]}
+
+
 def shuffled(steps, record=None):
   """Apply `steps` in a random order (sub-seed 0 draws it; step j always gets sub-seed j + 1, so
   its own randomness does not depend on its position). If `record` is a list, the order tensor is
   appended to it (for tests).
 
-  A tf.while_loop over positions with one switch_case inside, so each step appears once in the
-  graph (unrolling would copy every step into every position and multiply the trace time).
+  One "dispatch" tf.function (a switch_case over the steps, traced once per set of gate names,
+  not inlined) called at each position. Not a tf.while_loop: Grappler's shape inference through
+  a loop whose body switches between shape-keeping steps and a resize to a static size (the wild
+  chain's resize back to a statically shaped input) wrongly pins the loop image to that size and
+  fails at run time (TF 2.21). Not inlined copies per position either: those multiply the
+  trace time and Grappler's time on every new tf.data pipeline.
   """
   steps = list(steps)
   if not steps:
     raise ValueError("shuffled needs at least one step")
+  cache = {}
+
+  def dispatch(index, img, words, seed, ctx):
+    branches = [lambda s=s, j=j: s(img, words, sub_seed(seed, j + 1), ctx)
+                for j, s in enumerate(steps)]
+    img, words = tf.switch_case(index, branches)
+    return tf.ensure_shape(img, [None, None, 3]), words
 
   def run(img, words, seed, ctx):
     order = random_permutation(sub_seed(seed, 0), len(steps))
     if record is not None:
       record.append(order)
-
-    def body(i, img, words):
-      branches = [lambda s=s, j=j: s(img, words, sub_seed(seed, j + 1), ctx)
-                  for j, s in enumerate(steps)]
-      img, words = tf.switch_case(order[i], branches)
-      return i + 1, tf.ensure_shape(img, [None, None, 3]), words
-
-    _, img, words = tf.while_loop(
-        lambda i, *_: i < len(steps), body, (tf.constant(0), img, words),
-        shape_invariants=(tf.TensorShape([]), tf.TensorShape([None, None, 3]),
-                          tf.TensorShape([len(DEGRADATION_WORDS)])))
+    key = tuple(sorted(ctx["gates"]))
+    if key not in cache:
+      signature = (tf.TensorSpec([], tf.int32), tf.TensorSpec([None, None, 3], tf.float32),
+                   tf.TensorSpec([len(DEGRADATION_WORDS)], tf.bool), tf.TensorSpec([2], tf.int32),
+                   _ctx_signature(ctx))
+      cache[key] = tf.function(dispatch, input_signature=signature, autograph=False,
+                               experimental_attributes={"_noinline": True})
+    seed = tf.cast(seed, tf.int32)
+    for position in range(len(steps)):
+      img, words = cache[key](order[position], img, words, seed, _ctx_args(ctx))
+      img = tf.ensure_shape(img, [None, None, 3])
     return img, words
 
   return run
@@ -556,8 +576,20 @@ def random_degrade(image, seed, *, psf_bank=None, udc_bank=None, **probs):
   if unknown:
     raise ValueError(f"unknown random_degrade probabilities {sorted(unknown)}; "
                      f"known: {sorted(DEFAULT_PROBS)}")
-  step, gates = wild_chain(psf_bank=psf_bank, udc_bank=udc_bank, **{**DEFAULT_PROBS, **probs})
+  probs = {**DEFAULT_PROBS, **probs}
+  # One chain per (probabilities, banks): its steps are tf.functions, traced on first use, so
+  # rebuilding it per call would retrace every time (seconds per eager call).
+  key = (tuple(sorted(probs.items())), id(psf_bank), id(udc_bank))
+  if key not in _CHAINS:
+    if len(_CHAINS) >= 16:
+      _CHAINS.pop(next(iter(_CHAINS)))
+    # The banks are kept alive with the entry, so their ids cannot be reused while it exists.
+    _CHAINS[key] = (wild_chain(psf_bank=psf_bank, udc_bank=udc_bank, **probs), psf_bank, udc_bank)
+  (step, gates), _, _ = _CHAINS[key]
   return run_pipeline(step, image, seed, gates=gates)
+
+
+_CHAINS = {}
 
 
 def degradation_text(mask):

@@ -32,18 +32,22 @@ BETAG_RANGE = (0.5, 2.0)
 BETAP_RANGE = (1.0, 1.5)
 
 
+# Grid coordinates as NumPy constants (cheaper to trace and to run than building them per kernel).
+_AX = np.arange(-RADIUS, RADIUS + 1, dtype=np.float32)
+_YY, _XX = np.meshgrid(_AX, _AX, indexing="ij")
+_CHEBYSHEV = np.maximum(np.abs(_XX), np.abs(_YY))  # The centred k x k square is where this <= k//2.
+_R2 = _XX * _XX + _YY * _YY
+
+
 def _coords():
   """x (column offset) and y (row offset) on the 21 x 21 grid, float32 [21, 21] each."""
-  ax = tf.range(-RADIUS, RADIUS + 1, dtype=tf.float32)
-  yy, xx = tf.meshgrid(ax, ax, indexing="ij")
-  return xx, yy
+  return tf.constant(_XX), tf.constant(_YY)
 
 
 def support_mask(k):
   """1 inside the centred k x k square of the 21 x 21 grid, else 0. k: odd int (tensor ok)."""
   half = tf.cast(k, tf.float32) // 2.0
-  xx, yy = _coords()
-  return tf.cast((tf.abs(xx) <= half) & (tf.abs(yy) <= half), tf.float32)
+  return tf.cast(tf.constant(_CHEBYSHEV) <= half, tf.float32)
 
 
 def _normalise(kernel):
@@ -90,9 +94,9 @@ def defocus_kernel(k):
   """
   k = tf.cast(k, tf.float32)
   half = k // 2.0
-  xx, yy = _coords()
-  disk = tf.cast(xx * xx + yy * yy < tf.square(half + 1.0), tf.float32) * support_mask(k)
-  corner = tf.cast((tf.abs(xx) == half) & (tf.abs(yy) == half), tf.float32)
+  disk = tf.cast(tf.constant(_R2) < tf.square(half + 1.0), tf.float32) * support_mask(k)
+  corner = tf.cast(tf.constant((np.abs(_XX) == np.abs(_YY)) & (_R2 > 0)) &
+                   (tf.constant(_CHEBYSHEV) == half), tf.float32)
   disk = tf.where(k <= 5.0, disk * (1.0 - corner), disk)
   return _normalise(disk)
 
@@ -112,8 +116,7 @@ def sinc_kernel(k, cutoff):
   Not non-negative (that is the point: it rings); normalised to sum 1. -> float32 [21, 21].
   """
   cutoff = tf.cast(cutoff, tf.float32)
-  xx, yy = _coords()
-  r = tf.sqrt(xx * xx + yy * yy)
+  r = tf.constant(np.sqrt(_R2))
   safe_r = tf.where(r > 0, r, tf.ones_like(r))  # Avoid 0/0; the centre is replaced below.
   vals = cutoff * _bessel_j1(cutoff * safe_r) / (2.0 * math.pi * safe_r)
   vals = tf.where(r > 0, vals, tf.fill(tf.shape(r), cutoff * cutoff / (4.0 * math.pi)))
@@ -294,11 +297,31 @@ def _categorical(seed, probs):
 def random_mixed_kernel(seed, k, blur_range, *, psf_bank=None, return_type=False):
   """`predefined_mixed_kernel(k, blur_range)`: a random kernel of the §7.3 table. -> [21, 21].
 
-  With return_type=True also returns the int32 index into KERNEL_TYPES.
+  With return_type=True also returns the int32 index into KERNEL_TYPES. The draw runs in one
+  tf.function per PSF bank (traced once, shared by every blur of every chain: tracing the ten
+  families is a large part of a chain's trace time).
   """
   lo, hi = float(blur_range[0]), float(blur_range[1])
   if not 0 < lo <= hi:
     raise ValueError(f"blur_range must satisfy 0 < lo <= hi, got {blur_range}")
+  key = id(psf_bank)
+  if key not in _MIXED_FNS:
+    signature = [tf.TensorSpec([2], tf.int32), tf.TensorSpec([], tf.int32),
+                 tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.float32)]
+    fn = tf.function(lambda s, kk, a, b: _mixed_kernel(s, kk, a, b, psf_bank),
+                     input_signature=signature, autograph=False,
+                     experimental_attributes={"_noinline": True})
+    _MIXED_FNS[key] = (fn, psf_bank)  # The bank stays alive with the entry: ids stay unique.
+  kernel, kind = _MIXED_FNS[key][0](tf.cast(seed, tf.int32), tf.cast(k, tf.int32),
+                                    tf.constant(lo, tf.float32), tf.constant(hi, tf.float32))
+  kernel = tf.ensure_shape(kernel, [GRID, GRID])
+  return (kernel, kind) if return_type else kernel
+
+
+_MIXED_FNS = {}
+
+
+def _mixed_kernel(seed, k, lo, hi, psf_bank):
   s = tf.random.experimental.stateless_split(seed, 8)
   sx, sy = _uniform(s[1], lo, hi), _uniform(s[2], lo, hi)
   theta = _uniform(s[3], -math.pi, math.pi)
@@ -330,9 +353,7 @@ def random_mixed_kernel(seed, k, blur_range, *, psf_bank=None, return_type=False
     bank = tf.convert_to_tensor(psf_bank, tf.float32)
     branches.append(lambda: tf.gather(bank, tf.math.floormod(angle_index, tf.shape(bank)[0])))
   kind = _categorical(s[0], kernel_type_probs(psf_bank is not None)[: len(branches)])
-  kernel = tf.switch_case(kind, branches)
-  kernel = tf.ensure_shape(kernel, [GRID, GRID])
-  return (kernel, kind) if return_type else kernel
+  return tf.switch_case(kind, branches), kind
 
 
 def random_sinc_kernel(seed, k):
