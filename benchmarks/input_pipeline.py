@@ -92,12 +92,16 @@ def _numpy_worker(args):
 
 
 def bench_numpy(crops, num, warmup, clip, processes=1):
-  """examples/s of the NumPy chain in `processes` processes (1: in this process)."""
+  """examples/s of the NumPy chain in `processes` processes (1: in this process).
+
+  With one process, returns (examples/s, CPU ms per example): on a shared machine the CPU time
+  of the process is the steadier per-core measure (other users' load inflates wall time).
+  """
   if processes == 1:
     _numpy_loop(crops, warmup, 1, clip)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     _numpy_loop(crops, num, 2, clip)
-    return num / (time.perf_counter() - t0)
+    return num / (time.perf_counter() - t0), 1000.0 * (time.process_time() - c0) / num
   ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited thread pools
   with ctx.Pool(processes) as pool:
     pool.map(_numpy_worker, [(crops, max(warmup, 1), 1 + i, clip) for i in range(processes)])
@@ -148,14 +152,16 @@ def _tf_dataset(crops, map_fn, cores, batch=16):
 
 
 def _time_dataset(ds, num, warmup, batch=16):
+  """(examples/s, CPU ms per example of this whole process)."""
   it = iter(ds)
   for _ in range(max(1, -(-warmup // batch))):
     next(it)
   steps = max(1, -(-num // batch))
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   for _ in range(steps):
     next(it)
-  return steps * batch / (time.perf_counter() - t0)
+  n = steps * batch
+  return n / (time.perf_counter() - t0), 1000.0 * (time.process_time() - c0) / n
 
 
 def bench_tf(crops, num, warmup, clips, cores):
@@ -171,10 +177,11 @@ def bench_tf(crops, num, warmup, clips, cores):
       lq, words = random_degrade(img, tf.stack([tf.constant(0, tf.int32), i]))
       return (lq, clip_fn(lq), words) if clip else (lq, words)
 
-    rate = _time_dataset(_tf_dataset(crops, map_fn, cores), num, warmup)
+    rate, cpu_ms = _time_dataset(_tf_dataset(crops, map_fn, cores), num, warmup)
     results[clip] = rate
+    extra = {"cpu_ms_per_example": cpu_ms} if cores == 1 else {}
     _line("input_pipeline/tf_data", rate, "examples/s", cores if cores == 1 else os.cpu_count(),
-          clip, clip_fn=clip_src if clip else None)
+          clip, clip_fn=clip_src if clip else None, **extra)
   return results
 
 
@@ -190,7 +197,9 @@ def _tf_ops(crops):
   candidates = {
       "random_blur": lambda img, s: deg.random_blur(img, s, max_radius=10, sinc_prob=0.1,
                                                     deblur_prob=0.1, blur_range=(0.2, 2.2))[0],
-      "random_resize": lambda img, s: deg.random_resize(img, s)[0],
+      # Down and back up, so every example keeps the batchable 256x256 shape.
+      "random_resize": lambda img, s: deg.random_resize(
+          deg.random_resize(img, s)[0], s, size=tf.shape(img)[:2])[0],
       "random_noise": lambda img, s: deg.random_noise(img, s)[0],
       "jpeg": lambda img, s: deg.random_jpeg(img, s, (60, 95))[0],
       "filter2d_19": lambda img, s: deg.filter2d(img, tf.ones((19, 19)) / 361.0),
@@ -208,11 +217,12 @@ def profile_tf(crops, num, warmup):
   for name, fn in _tf_ops(crops):
     map_fn = lambda i, img, fn=fn: fn(img, tf.stack([tf.constant(0, tf.int32), i]))
     try:
-      rate = _time_dataset(_tf_dataset(crops, map_fn, 1), num, warmup)
+      rate, cpu_ms = _time_dataset(_tf_dataset(crops, map_fn, 1), num, warmup)
     except (AttributeError, TypeError) as e:
       print(json.dumps({"name": f"input_pipeline/profile/{name}", "skipped": str(e)}), flush=True)
       continue
-    _line(f"input_pipeline/profile/{name}", 1000.0 / rate, "ms/example", 1, False)
+    _line(f"input_pipeline/profile/{name}", 1000.0 / rate, "ms/example", 1, False,
+          cpu_ms_per_example=cpu_ms)
 
 
 def _run_tf_subprocess(cores, args, profile=False):
@@ -251,6 +261,10 @@ def main(argv=None):
   clips = [False] if args.no_clip else [False, True]
 
   if args.tf_worker is not None:  # a fresh interpreter: configure TF threading before it starts
+    # Run as a script, this file's folder is sys.path[0] and its own name (input_pipeline) would
+    # shadow the package: look the package up from the repository root instead.
+    sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != _HERE]
+    sys.path.insert(0, str(_HERE.parent))
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
@@ -266,20 +280,24 @@ def main(argv=None):
 
   crops = source_crops(args.pool_size)
   ncpu = os.cpu_count()
-  np_rates = {}
+  np_rates, np_cpu = {}, {}
   if args.only in (None, "numpy"):
     for clip in clips:
-      np_rates[clip] = bench_numpy(crops, args.num_examples, args.warmup, clip)
-      _line("input_pipeline/numpy_cv2", np_rates[clip], "examples/s", 1, clip)
+      np_rates[clip], np_cpu[clip] = bench_numpy(crops, args.num_examples, args.warmup, clip)
+      _line("input_pipeline/numpy_cv2", np_rates[clip], "examples/s", 1, clip,
+            cpu_ms_per_example=np_cpu[clip])
       if ncpu > 1:
         rate = bench_numpy(crops, args.num_examples, args.warmup, clip, processes=ncpu)
         _line("input_pipeline/numpy_cv2", rate, "examples/s", ncpu, clip, processes=ncpu)
   if args.only in (None, "tf"):
-    tf_rates = {r["clip"]: r["value"] for r in _run_tf_subprocess(1, args)}
+    one_core = _run_tf_subprocess(1, args)
+    tf_rates = {r["clip"]: r["value"] for r in one_core}
+    tf_cpu = {r["clip"]: r["cpu_ms_per_example"] for r in one_core}
     _run_tf_subprocess(0, args)
     for clip in clips if np_rates else []:
+      # Wall-clock ratio, and the same ratio from CPU time (steadier on a shared machine).
       _line("input_pipeline/tf_over_numpy_per_core", tf_rates[clip] / np_rates[clip], "x", 1, clip,
-            target=2.0)
+            target=2.0, cpu_time_ratio=np_cpu[clip] / tf_cpu[clip])
     if args.profile:
       _run_tf_subprocess(1, args, profile=True)
 

@@ -18,12 +18,21 @@ strategy) and `gated` (apply with a probability, or else another step). `random_
 three-stage chain of spec §7.2 built from them; `input_pipeline.registry.build_pipeline` builds
 other chains from configs with the same combinators and the same seed plumbing.
 
-Speed (the chain must beat OpenCV per core): kernels live on a static 21 x 21 grid (see
-`kernels.py`) but are applied only over their support: 5 x 5 and 7 x 7 by a direct depthwise
-convolution, larger ones by FFT correlation on a 5-smooth padded size (cost independent of k).
+Speed (one CPU core, 256 x 256; figures in benchmarks/RESULTS.md): kernels live on a static
+21 x 21 grid (see `kernels.py`) and are applied by FFT correlation over their support on a 5-smooth
+padded size (TF's direct depthwise convolution is ~10x slower even at 5 x 5). Each shuffled stage
+is one non-inlined function called once per position (see `shuffled`), which keeps the graph,
+its trace time and tf.data's per-pipeline optimisation time small.
+
+Known deviations from the reference (cv2): bicubic resizing uses TF's Keys cubic (a = -0.5)
+where cv2 uses a = -0.75 (max difference ~0.02 on natural images; an exact cv2 cubic costs ~2 ms
+more per resize on one core); JPEG goes through TF's libjpeg with the same quality and 4:2:0
+chroma subsampling (mean difference to cv2 ~1/255).
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import tensorflow as tf
@@ -144,19 +153,30 @@ def _fft_size(n):
   return tf.gather(table, tf.searchsorted(table, tf.reshape(n, [1]), side="left")[0])
 
 
+def _dft_matrix(n, length, r):
+  """exp(-2 pi i f a / n) for frequencies f < length and taps a = -r..r: complex64 [length, 2r+1].
+
+  The phase is reduced mod n in float64 first, so it stays exact for any FFT length.
+  """
+  f = tf.cast(tf.range(length), tf.float64)[:, None]
+  a = tf.cast(tf.range(-r, r + 1), tf.float64)[None, :]
+  n = tf.cast(n, tf.float64)
+  phase = (-2.0 * math.pi / n) * tf.math.floormod(f * a, n)
+  return tf.complex(tf.cast(tf.cos(phase), tf.float32), tf.cast(tf.sin(phase), tf.float32))
+
+
 def filter2d(image, kernel, support=None):
   """cv2.filter2D(image, -1, kernel): correlation with reflect-101 borders. [H, W, 3] -> same.
 
   kernel: static odd square [n, n]. support: optional odd int (tensor ok) <= n; the kernel must be
-  zero outside its centred support x support square. Only the support needs border padding, so
-  small kernels on small images avoid the slower gather padding.
+  zero outside its centred support x support square, and only that square is used.
 
-  Always through the FFT: the image is reflect-padded by r (the support's radius), zero-padded to
-  a 5-smooth size, multiplied by the conjugate kernel spectrum and cropped; the circular
-  wrap-around only reaches the outer r pixels, which are cropped, so the result equals the direct
-  correlation up to float rounding. On one CPU core this costs about the same for every kernel
-  size and beats TF's direct (depthwise) convolution already at 5 x 5 by ~10x (see
-  benchmarks/RESULTS.md).
+  Always through the FFT, whose cost hardly depends on the kernel size: on one CPU core it beats
+  TF's direct (depthwise) convolution ~10x already at 5 x 5. The image is reflect-padded by at
+  least r (the support's radius) on every side up to a 5-smooth size; the circular wrap-around
+  only reaches pixels more than r outside the image, so the cropped result equals the direct
+  correlation up to float rounding. The kernel's spectrum comes from two small DFT matmuls
+  (its support is at most 21 x 21) instead of a full-size FFT of a mostly-zero array.
   """
   image = _as_image(image)
   kernel = tf.convert_to_tensor(kernel, tf.float32)
@@ -167,14 +187,22 @@ def filter2d(image, kernel, support=None):
   r = tf.constant(c) if support is None else tf.minimum(tf.cast(support, tf.int32) // 2, c)
   h, w = tf.shape(image)[0], tf.shape(image)[1]
   hp, wp = _fft_size(h + 2 * r), _fft_size(w + 2 * r)
-  x = tf.transpose(pad_image(image, r), [2, 0, 1])
-  x = tf.pad(x, [[0, 0], [0, hp - h - 2 * r], [0, wp - w - 2 * r]])
-  # The support window of the kernel, its centre moved to the origin of the [hp, wp] grid.
-  kern = kernel[c - r:c + r + 1, c - r:c + r + 1]
-  kern = tf.roll(tf.pad(kern, [[0, hp - 2 * r - 1], [0, wp - 2 * r - 1]]), shift=[-r, -r],
-                 axis=[0, 1])
-  spectrum = tf.signal.rfft2d(x) * tf.math.conj(tf.signal.rfft2d(kern))[None]
-  out = tf.signal.irfft2d(spectrum, fft_length=tf.stack([hp, wp]))
+  x = tf.transpose(image, [2, 0, 1])
+
+  def one_pad():  # Reflect all the way to the FFT size: one copy (needs every pad < the side).
+    return tf.pad(x, [[0, 0], [r, hp - h - r], [r, wp - w - r]], mode="REFLECT")
+
+  def two_pads():  # Small images: periodic reflection by r, then zeros.
+    padded = tf.transpose(pad_image(image, r), [2, 0, 1])
+    return tf.pad(padded, [[0, 0], [0, hp - h - 2 * r], [0, wp - w - 2 * r]])
+
+  fits = (hp - h - r < h) & (wp - w - r < w) & (r < h) & (r < w)
+  x = tf.ensure_shape(tf.cond(fits, one_pad, two_pads), [3, None, None])
+  kern = tf.cast(kernel[c - r:c + r + 1, c - r:c + r + 1], tf.complex64)
+  spectrum = tf.matmul(tf.matmul(_dft_matrix(hp, hp, r), kern),
+                       _dft_matrix(wp, wp // 2 + 1, r), transpose_b=True)
+  out = tf.signal.irfft2d(tf.signal.rfft2d(x) * tf.math.conj(spectrum)[None],
+                          fft_length=tf.stack([hp, wp]))
   return tf.ensure_shape(tf.transpose(out[:, r:r + h, r:r + w], [1, 2, 0]), image.shape)
 
 
