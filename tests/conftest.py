@@ -1,6 +1,12 @@
 """Test-wide setup: 8 fake CPU devices for mesh/sharding checks, deterministic CPU numerics."""
 
 import os
+import sys
+
+# torch probes for triton when torch._dynamo is imported (torch.save/load, open_clip); loading
+# libtriton into a process that already holds TensorFlow's and XLA's LLVM segfaults. The CPU tests
+# never need triton: make `import triton` fail cleanly so torch treats it as absent.
+sys.modules.setdefault("triton", None)
 
 # Must happen before jax is imported anywhere: multi-device tests run on 8 fake CPU devices.
 _flag = "--xla_force_host_platform_device_count=8"
@@ -16,6 +22,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Random initialisers compile one small program per parameter shape; with threefry each takes
+# ~0.1-0.5 s on CPU (24 s to initialise a tiny U-Net), with rbg a few ms. Tests only need some
+# random numbers, never particular ones.
+jax.config.update("jax_default_prng_impl", "rbg")
 
 
 @pytest.fixture
