@@ -11,11 +11,17 @@ photos, decoded once into memory (so it times degradation, not disk):
       (b2) all cores: AUTOTUNE;
 each with and without the CLIP branch (bicubic resize to 224 + OpenAI normalisation), and the ratio
 TF-per-core / NumPy-per-core measured in the same run (target in the issue: >= 2x).
+  (c) with `--repeats N`: N more one-core pairs (a) then (b1), back to back, and the median of
+      their ratios. On a machine shared with other jobs one pair's ratio drifts by +-40% from run
+      to run (the two halves run under different load; on SMT cores even CPU time inflates with
+      the neighbour's load). Timing both chains in one process instead is biased: TF's idle
+      worker threads keep spinning after each TF round and slow the NumPy round that follows.
 `--profile` times each TF op alone in a one-core tf.data map, to find what dominates.
 
   python benchmarks/input_pipeline.py                        # everything
   python benchmarks/input_pipeline.py --num-examples 100 --warmup 10 --no-clip --only numpy
   python benchmarks/input_pipeline.py --only tf --profile
+  python benchmarks/input_pipeline.py --no-clip --repeats 5  # + median per-core ratio of 5 pairs
 
 Prints JSON lines: name, device, shape, value, unit, cores, clip (+ extras).
 """
@@ -225,11 +231,11 @@ def profile_tf(crops, num, warmup):
           cpu_ms_per_example=cpu_ms)
 
 
-def _run_tf_subprocess(cores, args, profile=False):
+def _run_tf_subprocess(cores, args, profile=False, no_clip=False, quiet=False):
   """Runs this script for one TF configuration in a fresh interpreter; returns its JSON lines."""
   cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--tf-worker", str(cores),
          "--num-examples", str(args.num_examples), "--warmup", str(args.warmup)]
-  if args.no_clip:
+  if args.no_clip or no_clip:
     cmd.append("--no-clip")
   if profile:
     cmd.append("--profile")
@@ -241,9 +247,23 @@ def _run_tf_subprocess(cores, args, profile=False):
     sys.stderr.write(proc.stderr[-4000:])
     raise RuntimeError(f"TF worker (cores={cores}) failed with exit code {proc.returncode}")
   lines = [json.loads(s) for s in proc.stdout.splitlines() if s.startswith("{")]
-  for rec in lines:
+  for rec in lines if not quiet else []:
     print(json.dumps(rec), flush=True)
   return lines
+
+
+def _repeated_ratio(crops, args):
+  """(c) `--repeats N`: N more (NumPy one core, TF one core) pairs back to back, without the CLIP
+  branch; per-pair ratios and their median (wall and CPU time)."""
+  wall, cpu = [], []
+  for _ in range(args.repeats):
+    np_rate, np_cpu = bench_numpy(crops, args.num_examples, args.warmup, False)
+    rec = [r for r in _run_tf_subprocess(1, args, no_clip=True, quiet=True) if not r["clip"]][0]
+    wall.append(rec["value"] / np_rate)
+    cpu.append(np_cpu / rec["cpu_ms_per_example"])
+  _line("input_pipeline/tf_over_numpy_per_core_median", float(np.median(wall)), "x", 1, False,
+        target=2.0, cpu_time_ratio=float(np.median(cpu)), pairs_wall=[round(v, 3) for v in wall],
+        pairs_cpu=[round(v, 3) for v in cpu])
 
 
 def main(argv=None):
@@ -255,6 +275,9 @@ def main(argv=None):
   p.add_argument("--profile", action="store_true", help="also time each TF op alone (one core)")
   p.add_argument("--pool-size", type=int, default=64, help="distinct source crops in memory")
   p.add_argument("--tf-worker", type=int, default=None, help=argparse.SUPPRESS)
+  p.add_argument("--repeats", type=int, default=1,
+                 help="one-core NumPy / TF measurement pairs, alternated; the median ratio is "
+                      "reported (steadier on a machine shared with other jobs)")
   args = p.parse_args(argv)
   if args.num_examples < 1 or args.warmup < 0:
     raise ValueError("--num-examples must be >= 1 and --warmup >= 0")
@@ -298,6 +321,8 @@ def main(argv=None):
       # Wall-clock ratio, and the same ratio from CPU time (steadier on a shared machine).
       _line("input_pipeline/tf_over_numpy_per_core", tf_rates[clip] / np_rates[clip], "x", 1, clip,
             target=2.0, cpu_time_ratio=np_cpu[clip] / tf_cpu[clip])
+    if args.only is None and args.repeats > 1:
+      _repeated_ratio(crops, args)
     if args.profile:
       _run_tf_subprocess(1, args, profile=True)
 

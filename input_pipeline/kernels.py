@@ -244,7 +244,9 @@ def load_psf_bank(path):
 def load_udc_bank(path):
   """Under-display-camera PSFs from an .npz of [h, w, 3] / [3, h, w] arrays -> f32 [N, h, w, 3].
 
-  PSFs of different sizes are centre-padded to the largest; each channel is normalised to sum 1.
+  PSFs of different sizes are centre-padded to the largest; each channel is normalised to sum 1
+  (the reference multiplies by its pickled PSFs as stored; normalising keeps the filter from
+  changing the mean brightness, and changes nothing for PSFs that already sum to 1).
   """
   with np.load(path) as data:
     psfs = [np.asarray(data[name], np.float32) for name in data.files]
