@@ -231,3 +231,21 @@ def test_bad_sampling_arguments(sde):
     sde.q_sample(x0, mu[:1], jnp.array([1, 2]), x0)
   with pytest.raises(ValueError, match="timesteps must have shape"):
     sde.marginal_mean(x0, mu, jnp.array([1, 2, 3]))
+
+
+def test_clip_x0_keeps_an_inaccurate_denoiser_stable(sde):
+  x0, mu = _images(4)
+  # An accurate denoiser: clamping changes nothing (x0 lies in [0, 1]).
+  exact = sde.sample(_oracle(sde), mu, jax.random.key(0), num_steps=10, eps_args=(x0,))
+  clamped = sde.sample(_oracle(sde), mu, jax.random.key(0), num_steps=10, eps_args=(x0,),
+                       clip_x0=True)
+  np.testing.assert_allclose(clamped, exact, atol=1e-5)
+  # A biased one (ε̂ off by 0.3): unclamped, x̂_0 carries the error times σ̄_T/m_T ~ 40.
+  biased = lambda x, m, t, x0_: _oracle(sde)(x, m, t, x0_) + 0.3
+  wild = sde.sample(biased, mu, jax.random.key(0), num_steps=10, eps_args=(x0,))
+  tame = sde.sample(biased, mu, jax.random.key(0), num_steps=10, eps_args=(x0,), clip_x0=True)
+  err = lambda y: float(jnp.mean(jnp.abs(y - x0)))
+  assert err(tame) < err(wild)
+  assert float(tame.min()) > -0.5 and float(tame.max()) < 1.5
+  with pytest.raises(ValueError, match="clip_x0"):
+    sde.sample(_oracle(sde), mu, jax.random.key(0), mode="sde", eps_args=(x0,), clip_x0=True)

@@ -79,7 +79,11 @@ def make_train_step(graphdef, tx, schedule, sde: IRSDE, loss_kind: str, ema_deca
     loss, grads = jax.value_and_grad(loss_fn)(state["params"], state["rest"], batch, key)
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state["ema"], params)
+    # EMA warm-up (as TF's ExponentialMovingAverage with num_updates): early on the average
+    # follows the weights closely instead of staying anchored at the random init.
+    step_f = state["step"].astype(jnp.float32)
+    decay = jnp.minimum(ema_decay, (1.0 + step_f) / (10.0 + step_f))
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], params)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
                "learning_rate": schedule(state["step"])}
     return dict(state, params=params, opt=opt, ema=ema, step=state["step"] + 1), metrics
@@ -88,10 +92,10 @@ def make_train_step(graphdef, tx, schedule, sde: IRSDE, loss_kind: str, ema_deca
 
 
 def restore_images(graphdef, params, rest, sde: IRSDE, lq, key, mode: str, num_steps: int | None,
-                   text_context=None, image_context=None):
+                   text_context=None, image_context=None, clip_x0: bool = False):
   """Posterior/SDE/ODE restoration of `lq` with the given (e.g. EMA) parameters."""
   return sde.sample(denoiser_eps_fn(graphdef), lq, key, mode, num_steps,
-                    eps_args=((params, rest), text_context, image_context))
+                    eps_args=((params, rest), text_context, image_context), clip_x0=clip_x0)
 
 
 def _image_grid(lq, restored, gt) -> np.ndarray:
@@ -172,7 +176,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     lq, gt = jnp.asarray(eval_batch["lq"]), jnp.asarray(eval_batch["gt"])
     restored = restore_images(graphdef, state["ema"], state["rest"], sde, lq,
                               jax.random.key(config.seed + 2), config.eval_mode,
-                              config.eval_sampling_steps)
+                              config.eval_sampling_steps,
+                              clip_x0=config.get("eval_clip_x0", False))
     restored = np.asarray(jnp.clip(restored, 0, 1))
     out = {"eval/psnr_lq": float(np.mean(psnr(lq, gt))),
            "eval/psnr_restored": float(np.mean(psnr(restored, gt)))}
