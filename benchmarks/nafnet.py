@@ -17,44 +17,17 @@ Prints JSON lines: name, device, value, unit (+ shape, dtype, params, compile_s,
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
+from bench_util import device_name, emit, memory, timeit
 from flax import nnx
 
 from uir_jax import losses
 from uir_jax.models.nafnet import ConditionalNAFNet, NAFNet, count_params
 from uir_jax.sde import IRSDE
-
-
-def _device() -> str:
-  d = jax.devices()[0]
-  kind = getattr(d, "device_kind", "")
-  return d.platform if kind in ("", d.platform) else f"{d.platform}:{kind}"
-
-
-def _emit(**kw):
-  print(json.dumps(kw), flush=True)
-
-
-def _timeit(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # warm-up (compiled already)
-  t0 = time.perf_counter()
-  for _ in range(repeats):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t0) / repeats
-
-
-def _memory(compiled) -> dict:
-  m = compiled.memory_analysis()
-  if m is None:
-    return {}
-  return dict(temp_gib=round(m.temp_size_in_bytes / 2**30, 3),
-              argument_gib=round(m.argument_size_in_bytes / 2**30, 3))
 
 
 def _build(which: str, context_dim: int, dtype):
@@ -83,14 +56,14 @@ def bench(args, which: str, dtype_name: str):
     m = nnx.merge(graphdef, p)
     return m(x, mu, t, **ctx) if which == "conditional" else m(mu, **ctx)
 
-  base = dict(device=_device(), shape=[b, s, s, 3], dtype=dtype_name, context_dim=ctx_dim,
+  base = dict(device=device_name(), shape=[b, s, s, 3], dtype=dtype_name, context_dim=ctx_dim,
               params=count_params(nnx.merge(graphdef, params)))
   t0 = time.perf_counter()
   fwd = jax.jit(apply).lower(params, lq, lq, jnp.full((b,), 50)).compile()
   compile_s = time.perf_counter() - t0
-  sec = _timeit(lambda: fwd(params, lq, lq, jnp.full((b,), 50)), args.repeats)
-  _emit(name=f"nafnet_{which}/forward_images_per_s", value=round(b / sec, 3), unit="images/s",
-        compile_s=round(compile_s, 1), **_memory(fwd), **base)
+  sec = timeit(lambda: fwd(params, lq, lq, jnp.full((b,), 50)), args.repeats)
+  emit(name=f"nafnet_{which}/forward_images_per_s", value=round(b / sec, 3), unit="images/s",
+        compile_s=round(compile_s, 1), **memory(fwd), **base)
 
   tx = optax.adamw(2e-4, b1=0.9, b2=0.99)
   opt = tx.init(params)
@@ -117,9 +90,9 @@ def bench(args, which: str, dtype_name: str):
     state[0], state[1], loss = step(state[0], state[1], k[0])
     return loss
 
-  sec = _timeit(run, args.repeats)
-  _emit(name=f"nafnet_{which}/train_step_images_per_s", value=round(b / sec, 3),
-        unit="images/s", compile_s=round(compile_s, 1), **_memory(step), **base)
+  sec = timeit(run, args.repeats)
+  emit(name=f"nafnet_{which}/train_step_images_per_s", value=round(b / sec, 3),
+        unit="images/s", compile_s=round(compile_s, 1), **memory(step), **base)
 
 
 def main(argv=None):

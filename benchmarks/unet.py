@@ -19,12 +19,12 @@ Prints JSON lines: name, device, value, unit (+ shape, dtype, extras).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
+from bench_util import device_name, emit, memory, timeit
 from flax import nnx
 
 from uir_jax import losses
@@ -33,36 +33,8 @@ from uir_jax.restore import make_eps_fn
 from uir_jax.sde import IRSDE
 
 
-def _device() -> str:
-  d = jax.devices()[0]
-  kind = getattr(d, "device_kind", "")
-  return d.platform if kind in ("", d.platform) else f"{d.platform}:{kind}"
-
-
-def _emit(**kw):
-  print(json.dumps(kw), flush=True)
-
-
-def _timeit(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())  # warm-up (compiled already)
-  t0 = time.perf_counter()
-  for _ in range(repeats):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t0) / repeats
-
-
-def _memory(compiled) -> dict:
-  m = compiled.memory_analysis()
-  if m is None:
-    return {}
-  return dict(temp_gib=round(m.temp_size_in_bytes / 2**30, 3),
-              argument_gib=round(m.argument_size_in_bytes / 2**30, 3),
-              output_gib=round(m.output_size_in_bytes / 2**30, 3))
-
-
 def bench_forward_and_train(args, dtype: str):
-  dev = _device()
+  dev = device_name()
   model = ConditionalUNet(rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype),
                           attention_impl=args.attention)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -82,9 +54,9 @@ def bench_forward_and_train(args, dtype: str):
   t0 = time.perf_counter()
   fwd = jax.jit(forward).lower(params, lq, lq).compile()
   compile_s = time.perf_counter() - t0
-  sec = _timeit(lambda: fwd(params, lq, lq), args.repeats)
-  _emit(name="unet/forward_images_per_s", value=round(b / sec, 3), unit="images/s",
-        compile_s=round(compile_s, 1), **_memory(fwd), **base)
+  sec = timeit(lambda: fwd(params, lq, lq), args.repeats)
+  emit(name="unet/forward_images_per_s", value=round(b / sec, 3), unit="images/s",
+        compile_s=round(compile_s, 1), **memory(fwd), **base)
 
   tx = optax.adamw(2e-4, b1=0.9, b2=0.99)
   opt = tx.init(params)
@@ -110,9 +82,9 @@ def bench_forward_and_train(args, dtype: str):
     state[0], state[1], loss = step(state[0], state[1], k[0])
     return loss
 
-  sec = _timeit(run, args.repeats)
-  _emit(name="unet/train_step_images_per_s", value=round(b / sec, 3), unit="images/s",
-        compile_s=round(compile_s, 1), **_memory(step), **base)
+  sec = timeit(run, args.repeats)
+  emit(name="unet/train_step_images_per_s", value=round(b / sec, 3), unit="images/s",
+        compile_s=round(compile_s, 1), **memory(step), **base)
 
 
 def bench_restore(args, dtype: str):
@@ -131,8 +103,8 @@ def bench_restore(args, dtype: str):
   t0 = time.perf_counter()
   jax.block_until_ready(run(1))
   sec = time.perf_counter() - t0
-  _emit(name="unet/restore_one_image", value=round(sec, 3), unit="s", steps=args.steps,
-        compile_s=round(max(first - sec, 0.0), 1), device=_device(), shape=[1, s, s, 3],
+  emit(name="unet/restore_one_image", value=round(sec, 3), unit="s", steps=args.steps,
+        compile_s=round(max(first - sec, 0.0), 1), device=device_name(), shape=[1, s, s, 3],
         dtype=dtype, attention=args.attention)
 
 
@@ -150,13 +122,13 @@ def bench_large(args):
   t0 = time.perf_counter()
   compiled = jax.jit(fwd).lower(state, x, ctx).compile()
   compile_s = time.perf_counter() - t0
-  base = dict(device=_device(), shape=[1, n, n, 3], dtype=str(dtype), attention=args.attention)
-  _emit(name="unet/large_forward_compiled_memory", value=_memory(compiled).get("temp_gib"),
-        unit="GiB temp", compile_s=round(compile_s, 1), **_memory(compiled), **base)
+  base = dict(device=device_name(), shape=[1, n, n, 3], dtype=str(dtype), attention=args.attention)
+  emit(name="unet/large_forward_compiled_memory", value=memory(compiled).get("temp_gib"),
+        unit="GiB temp", compile_s=round(compile_s, 1), **memory(compiled), **base)
   if not args.large_compile_only:
     t0 = time.perf_counter()
     out = jax.block_until_ready(compiled(state, x, ctx))
-    _emit(name="unet/large_forward_time", value=round(time.perf_counter() - t0, 2), unit="s",
+    emit(name="unet/large_forward_time", value=round(time.perf_counter() - t0, 2), unit="s",
           finite=bool(jnp.isfinite(out).all()), **base)
 
 

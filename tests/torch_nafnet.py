@@ -15,6 +15,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch_unet
 from torch import nn
 
 
@@ -66,84 +67,11 @@ class SinusoidalPosEmb(nn.Module):
     return torch.cat([a.sin(), a.cos()], dim=-1)
 
 
-# --- LDM SpatialTransformer (spec §4.2) -------------------------------------------------------
+# --- LDM SpatialTransformer (spec §4.2): the U-Net reference's, with NAFNet's argument order ---
 
 
-class CrossAttention(nn.Module):
-  def __init__(self, dim, heads, dim_head, context_dim=None):
-    super().__init__()
-    inner = heads * dim_head
-    context_dim = context_dim or dim
-    self.heads, self.scale = heads, dim_head ** -0.5
-    self.to_q = nn.Linear(dim, inner, bias=False)
-    self.to_k = nn.Linear(context_dim, inner, bias=False)
-    self.to_v = nn.Linear(context_dim, inner, bias=False)
-    self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(0.0))
-
-  def forward(self, x, context=None):
-    context = x if context is None else context
-    q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-    b, h = x.shape[0], self.heads
-    q, k, v = (t.reshape(b, t.shape[1], h, -1).transpose(1, 2) for t in (q, k, v))
-    p = torch.softmax(q @ k.transpose(-1, -2) * self.scale, dim=-1)
-    out = (p @ v).transpose(1, 2).reshape(b, x.shape[1], -1)
-    return self.to_out(out)
-
-
-class GEGLU(nn.Module):
-  def __init__(self, dim_in, dim_out):
-    super().__init__()
-    self.proj = nn.Linear(dim_in, 2 * dim_out)
-
-  def forward(self, x):
-    a, gate = self.proj(x).chunk(2, dim=-1)
-    return a * F.gelu(gate)
-
-
-class FeedForward(nn.Module):
-  def __init__(self, dim):
-    super().__init__()
-    self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim))
-
-  def forward(self, x):
-    return self.net(x)
-
-
-class BasicTransformerBlock(nn.Module):
-  def __init__(self, dim, heads, dim_head, context_dim):
-    super().__init__()
-    self.attn1 = CrossAttention(dim, heads, dim_head)
-    self.ff = FeedForward(dim)
-    self.attn2 = CrossAttention(dim, heads, dim_head, context_dim)
-    self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-
-  def forward(self, x, context):
-    x = self.attn1(self.norm1(x)) + x
-    x = self.attn2(self.norm2(x), context) + x
-    return self.ff(self.norm3(x)) + x
-
-
-class SpatialTransformer(nn.Module):
-  """GroupNorm(32, eps 1e-6) -> 1x1 proj_in -> block over HW tokens -> zero-init proj_out, + x."""
-
-  def __init__(self, dim, context_dim, d_head=32):
-    super().__init__()
-    heads = dim // d_head
-    self.norm = nn.GroupNorm(32, dim, eps=1e-6, affine=True)
-    self.proj_in = nn.Conv2d(dim, heads * d_head, 1)
-    self.transformer_blocks = nn.ModuleList(
-        [BasicTransformerBlock(heads * d_head, heads, d_head, context_dim)])
-    self.proj_out = nn.Conv2d(heads * d_head, dim, 1)
-    nn.init.zeros_(self.proj_out.weight)
-    nn.init.zeros_(self.proj_out.bias)
-
-  def forward(self, x, context):
-    b, c, h, w = x.shape
-    y = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
-    for blk in self.transformer_blocks:
-      y = blk(y, context)
-    y = y.transpose(1, 2).reshape(b, -1, h, w)
-    return self.proj_out(y) + x
+def SpatialTransformer(dim, context_dim, d_head=32):  # noqa: N802 - stands in for a class
+  return torch_unet.SpatialTransformer(dim, dim // d_head, d_head, context_dim)
 
 
 # --- NAFNet -----------------------------------------------------------------------------------

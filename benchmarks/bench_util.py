@@ -1,0 +1,43 @@
+"""Helpers shared by the model benchmarks: device name, JSON lines, timing, compiled memory.
+
+The benchmark scripts run as `python benchmarks/<name>.py`, so this folder is on sys.path.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+
+
+def device_name() -> str:
+  """"cpu", "gpu:NVIDIA H100 80GB HBM3", "tpu:TPU v5 lite", ..."""
+  d = jax.devices()[0]
+  kind = getattr(d, "device_kind", "")
+  return d.platform if kind in ("", d.platform) else f"{d.platform}:{kind}"
+
+
+def emit(**kw) -> None:
+  """One JSON line on stdout."""
+  print(json.dumps(kw), flush=True)
+
+
+def timeit(fn, repeats: int) -> float:
+  """Seconds per call of an already compiled `fn`, after one warm-up call."""
+  jax.block_until_ready(fn())
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / repeats
+
+
+def memory(compiled) -> dict:
+  """XLA memory_analysis of a compiled executable, in GiB (empty where the backend has none)."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  return dict(temp_gib=round(m.temp_size_in_bytes / 2**30, 3),
+              argument_gib=round(m.argument_size_in_bytes / 2**30, 3),
+              output_gib=round(m.output_size_in_bytes / 2**30, 3))
