@@ -348,6 +348,56 @@ def add_gaussian_noise(image, seed, *, sigma_range=(1.0, 5.0), gray_prob=0.4):
   return tf.clip_by_value(image + noise * sigma, 0.0, 1.0)
 
 
+# Exact Poisson sampling by table inverse CDF for the common case vals = 256 (an image with more
+# than 128 distinct levels: every natural photo). X = #{k : F(k) < u} with u = r / 2^23 and r a
+# uniform 23-bit integer (the resolution of a float32 uniform in [0, 1)), so the comparison is done
+# on integers: F(k) < r / 2^23  <=>  C(k) = floor(F(k) 2^23) + 1 <= r. The r range is cut into
+# 1024 buckets of 8192; per (level, bucket) one int32 packs the count below the bucket (lo) and the
+# one CDF step inside it, if any (almost always: one gather and one compare per pixel). Buckets
+# with two or more steps (far tails, ~1% of draws) are flagged and those pixels count over the
+# whole CDF row. The same draw as searching the full table: exact up to the float64 CDF.
+_POISSON_K = 512  # P(X >= 512) for the largest rate 256 is ~1e-50.
+_BUCKET_BITS, _FRAC_BITS = 10, 13
+_TABLES = {}
+
+
+def _poisson_tables(vals=256):
+  """(packed [256 * 1024] int32, cdf [256, K] int32) for rates level * vals / 255."""
+  if vals not in _TABLES:
+    from scipy import stats  # Build time only.
+    rates = np.arange(256) * vals / 255.0
+    k = np.arange(_POISSON_K)
+    cdf = stats.poisson.cdf(k[None, :], rates[:, None])  # float64 [256, K]
+    c = np.minimum(np.floor(cdf * 2.0 ** 23) + 1, 2 ** 23 + 1).astype(np.int64)
+    c[:, -1] = 2 ** 23 + 1  # Everything at or above K - 1 is K - 1 (mass ~0).
+    m, width = 1 << _BUCKET_BITS, 1 << _FRAC_BITS
+    starts = np.arange(m) * width
+    lo = np.stack([np.searchsorted(row, starts, side="right") for row in c])
+    hi = np.stack([np.searchsorted(row, starts + width - 1, side="right") for row in c])
+    step = np.take_along_axis(c, np.minimum(lo, _POISSON_K - 1), axis=1) - starts[None]
+    thr = np.where(hi > lo, step, width)
+    packed = np.where(hi - lo >= 2, -1, (lo << (_FRAC_BITS + 1)) | thr).astype(np.int32)
+    _TABLES[vals] = (packed.reshape(-1), c.astype(np.int32))
+  return _TABLES[vals]
+
+
+def _poisson_256(levels, seed):
+  """Exact Poisson(levels * 256 / 255) draws for int32 levels in [0, 255], any shape -> float32."""
+  packed, cdf = _poisson_tables(256)
+  flat = tf.reshape(levels, [-1])
+  r = tf.random.stateless_uniform(tf.shape(flat), seed, minval=0, maxval=1 << 23, dtype=tf.int32)
+  bucket = tf.bitwise.right_shift(r, _FRAC_BITS)
+  entry = tf.gather(tf.constant(packed), flat * (1 << _BUCKET_BITS) + bucket)
+  frac = tf.bitwise.bitwise_and(r, (1 << _FRAC_BITS) - 1)
+  thr = tf.bitwise.bitwise_and(entry, (1 << (_FRAC_BITS + 1)) - 1)
+  x = tf.bitwise.right_shift(entry, _FRAC_BITS + 1) + tf.cast(frac >= thr, tf.int32)
+  tails = tf.where(entry < 0)  # [n, 1]
+  rows = tf.gather(tf.constant(cdf), tf.gather_nd(flat, tails))
+  counts = tf.reduce_sum(tf.cast(rows <= tf.gather_nd(r, tails)[:, None], tf.int32), axis=1)
+  x = tf.tensor_scatter_nd_update(x, tails, counts)
+  return tf.reshape(tf.cast(x, tf.float32), tf.shape(levels))
+
+
 def _poisson_noise(src, seed):
   """BasicSR `generate_poisson_noise` without the scale, for src [H, W, C] in [0, 1]."""
   levels = tf.cast(tf.clip_by_value(tf.round(src * 255.0), 0.0, 255.0), tf.int32)
@@ -359,7 +409,9 @@ def _poisson_noise(src, seed):
   vals_log2 = tf.reduce_sum(tf.cast(tf.constant([2 ** i for i in range(8)]) < unique, tf.int32))
   vals = tf.cast(tf.bitwise.left_shift(1, vals_log2), tf.float32)
   img = tf.cast(levels, tf.float32) / 255.0
-  counts = tf.random.stateless_poisson(tf.shape(img), seed, img * vals, dtype=tf.float32)
+  counts = tf.cond(
+      vals_log2 == 8, lambda: _poisson_256(levels, seed),
+      lambda: tf.random.stateless_poisson(tf.shape(img), seed, img * vals, dtype=tf.float32))
   return counts / vals - img
 
 

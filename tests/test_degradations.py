@@ -233,6 +233,30 @@ def test_poisson_noise_statistics():
   assert d.std() > 0.001
 
 
+def test_poisson_table_sampler_is_exact_inverse_cdf():
+  # The bucketed table sampler (vals = 256) must give exactly #{k : C(k) <= r} for its 23-bit
+  # uniform r, i.e. the full-table inverse CDF, including the flagged far-tail buckets; and its
+  # histogram must match scipy's Poisson pmf (chi-square, per rate).
+  from scipy import stats
+
+  packed, cdf = deg._poisson_tables()
+  levels = np.random.RandomState(0).randint(0, 256, 200000).astype(np.int32)
+  seed = tf.constant([5, 9])
+  x = deg._poisson_256(tf.constant(levels), seed).numpy()
+  r = tf.random.stateless_uniform([levels.size], seed, minval=0, maxval=1 << 23,
+                                  dtype=tf.int32).numpy()
+  np.testing.assert_array_equal(x, (cdf[levels] <= r[:, None]).sum(1))
+  assert (packed[levels * 1024 + (r >> 13)] < 0).sum() > 100  # the tail path ran
+  for level in (1, 30, 255):
+    draws = deg._poisson_256(tf.fill([200000], level), tf.constant([level, 3])).numpy()
+    pmf = stats.poisson.pmf(np.arange(600), level * 256 / 255)
+    keep = pmf * draws.size > 5
+    observed = np.bincount(draws.astype(int), minlength=600)[:600][keep]
+    expected = pmf[keep] * draws.size
+    chi2 = ((observed - expected) ** 2 / expected).sum()
+    assert stats.chi2.sf(chi2, keep.sum() - 1) > 1e-3, (level, chi2)
+
+
 def test_random_noise_quantises_and_always_says_noise():
   img = _photo_crop(32, 40, index=2)
   for s in range(4):
