@@ -22,7 +22,9 @@ Speed (one CPU core, 256 x 256; figures in benchmarks/RESULTS.md): kernels live 
 21 x 21 grid (see `kernels.py`) and are applied by FFT correlation over their support on a 5-smooth
 padded size (TF's direct depthwise convolution is ~10x slower even at 5 x 5). Each shuffled stage
 is one non-inlined function called once per position (see `shuffled`), which keeps the graph,
-its trace time and tf.data's per-pipeline optimisation time small.
+its trace time and tf.data's per-pipeline optimisation time small. Poisson noise on natural images
+(vals = 256) is drawn exactly by a bucketed inverse-CDF table (`_poisson_256`), ~3x cheaper than
+tf.random.stateless_poisson's per-element rejection sampling.
 
 Known deviations from the reference (cv2): bicubic resizing uses TF's Keys cubic (a = -0.5)
 where cv2 uses a = -0.75 (max difference ~0.02 on natural images; an exact cv2 cubic costs ~2 ms
@@ -364,10 +366,13 @@ _TABLES = {}
 def _poisson_tables(vals=256):
   """(packed [256 * 1024] int32, cdf [256, K] int32) for rates level * vals / 255."""
   if vals not in _TABLES:
-    from scipy import stats  # Build time only.
     rates = np.arange(256) * vals / 255.0
     k = np.arange(_POISSON_K)
-    cdf = stats.poisson.cdf(k[None, :], rates[:, None])  # float64 [256, K]
+    log_fact = np.concatenate([[0.0], np.cumsum(np.log(k[1:]))])
+    with np.errstate(divide="ignore"):
+      log_rate = np.log(rates)[:, None]
+    logpmf = np.where(k[None] > 0, k[None] * log_rate, 0.0) - rates[:, None] - log_fact[None]
+    cdf = np.cumsum(np.exp(logpmf), axis=1)  # float64 [256, K]; rate 0: all mass at 0.
     c = np.minimum(np.floor(cdf * 2.0 ** 23) + 1, 2 ** 23 + 1).astype(np.int64)
     c[:, -1] = 2 ** 23 + 1  # Everything at or above K - 1 is K - 1 (mass ~0).
     m, width = 1 << _BUCKET_BITS, 1 << _FRAC_BITS
