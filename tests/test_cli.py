@@ -1,0 +1,42 @@
+"""`uir-jax restore` end to end in a subprocess: a PyTorch U-Net file, good and bad images."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.mark.torch
+def test_restore_command_writes_images_and_counts_bad_files(tmp_path):
+  torch = pytest.importorskip("torch")
+  torch_unet = pytest.importorskip("torch_unet")
+
+  model = torch_unet.ConditionalUNet(nf=16, ch_mult=(1, 2), context_dim=0,
+                                     use_degra_context=False, use_image_context=False)
+  unet_path = tmp_path / "unet.pth"
+  torch.save(torch_unet.randomize_(model).state_dict(), unet_path)
+  rng = np.random.default_rng(0)
+  good = []
+  for name, size in (("a.png", (21, 30)), ("b.jpg", (16, 16))):
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(tmp_path / name)
+    good.append(str(tmp_path / name))
+  bad = tmp_path / "broken.png"
+  bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+  out_dir = tmp_path / "out"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  proc = subprocess.run(
+      [sys.executable, "-m", "uir_jax.main", "restore", f"--unet={unet_path}",
+       f"--output_dir={out_dir}", "--num_steps=2", *good, str(bad)],
+      capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode != 0  # one file could not be read ...
+  assert "1 of 3 image(s) could not be read" in proc.stderr
+  for path in good:  # ... and the others were restored anyway, at their own size
+    out = Image.open(out_dir / (os.path.splitext(os.path.basename(path))[0] + ".png"))
+    assert out.size == Image.open(path).size and out.mode == "RGB"
+  missing = subprocess.run(
+      [sys.executable, "-m", "uir_jax.main", "restore", f"--unet={tmp_path / 'nope.pth'}",
+       good[0]], capture_output=True, text=True, env=env, timeout=600)
+  assert missing.returncode != 0 and "not found" in missing.stderr
