@@ -25,18 +25,7 @@ class SimpleGate(nn.Module):
     return a * b
 
 
-class ChannelLayerNorm(nn.Module):
-  """IR-SDE module_util.LayerNorm: gain only, biased variance, eps by dtype."""
-
-  def __init__(self, dim):
-    super().__init__()
-    self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
-
-  def forward(self, x):
-    eps = 1e-5 if x.dtype == torch.float32 else 1e-3
-    var = torch.var(x, dim=1, unbiased=False, keepdim=True)
-    mean = torch.mean(x, dim=1, keepdim=True)
-    return (x - mean) * (var + eps).rsqrt() * self.g
+ChannelLayerNorm = torch_unet.ChanLayerNorm  # IR-SDE module_util.LayerNorm: gain only
 
 
 class LayerNorm2d(nn.Module):

@@ -97,6 +97,11 @@ class Rule:
     return self._regex.fullmatch(key)  # type: ignore[attr-defined]
 
 
+def dense_rules(src: str, dst: str) -> list[Rule]:
+  """nn.Linear `src.weight` / `src.bias` (`src` is a regex) -> Dense `dst.kernel`, `dst.bias`."""
+  return [Rule(src + r"\.weight", dst + ".kernel", linear), Rule(src + r"\.bias", dst + ".bias")]
+
+
 def to_numpy(value: Any) -> Array:
   """A torch tensor (any dtype/device), numpy array or scalar -> float32 numpy array."""
   if hasattr(value, "detach"):  # torch.Tensor, without importing torch here

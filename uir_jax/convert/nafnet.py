@@ -33,6 +33,7 @@ from uir_jax.convert.common import (
     conv,
     conv1x1_to_linear,
     convert,
+    dense_rules,
     flatten,
     linear,
     param_shapes,
@@ -44,10 +45,6 @@ from uir_jax.models.nafnet import ConditionalNAFNet, NAFNet
 StateDict = Mapping[str, Any]
 
 _BLOCK = r"(?P<b>(?:encoders|decoders)\.\d+\.\d+|middle_blks\.\d+)\."
-
-
-def _dense(src: str, dst: str) -> list[Rule]:
-  return [Rule(src + r"\.weight", dst + ".kernel", linear), Rule(src + r"\.bias", dst + ".bias")]
 
 
 def _att_rules() -> list[Rule]:
@@ -81,11 +78,11 @@ def nafnet_rules() -> list[Rule]:
       Rule(r"downs\.(\d+)\.weight", r"downs.\1.kernel", conv),
       Rule(r"downs\.(\d+)\.bias", r"downs.\1.bias"),
       Rule(r"ups\.(\d+)\.0\.weight", r"ups.\1.kernel", conv1x1_to_linear),
-      *_dense(r"time_mlp\.1", "time_mlp1"),
-      *_dense(r"time_mlp\.3", "time_mlp2"),
-      *_dense(r"text_mlp\.0", "text_mlp1"),
-      *_dense(r"text_mlp\.2", "text_mlp2"),
-      *_dense(r"prompt_mlp", "prompt_mlp"),
+      *dense_rules(r"time_mlp\.1", "time_mlp1"),
+      *dense_rules(r"time_mlp\.3", "time_mlp2"),
+      *dense_rules(r"text_mlp\.0", "text_mlp1"),
+      *dense_rules(r"text_mlp\.2", "text_mlp2"),
+      *dense_rules(r"prompt_mlp", "prompt_mlp"),
       Rule(r"prompt", "prompt"),
       # NAFBlock.
       Rule(b + r"mlp\.1\.weight", d + "mlp.kernel", linear),

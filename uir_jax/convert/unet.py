@@ -28,6 +28,7 @@ from uir_jax.convert.common import (
     conv,
     conv1x1_to_linear,
     convert,
+    dense_rules,
     flatten,
     linear,
     param_shapes,
@@ -82,11 +83,6 @@ def _attn_rules(src: str, dst: str) -> list[Rule]:
   ]
 
 
-def _dense(src: str, dst: str) -> list[Rule]:
-  """nn.Linear `src.weight`/`src.bias` -> Dense `dst.kernel` (transposed) / `dst.bias`."""
-  return [Rule(src + r"\.weight", dst + ".kernel", linear), Rule(src + r"\.bias", dst + ".bias")]
-
-
 def _conv(src: str, dst: str, bias: bool = True) -> list[Rule]:
   rules = [Rule(src + r"\.weight", dst + ".kernel", conv)]
   return rules + [Rule(src + r"\.bias", dst + ".bias")] if bias else rules
@@ -98,11 +94,11 @@ def unet_rules() -> list[Rule]:
   dst = r"\g<side>.\g<i>."
   rules = [
       *_conv(r"init_conv", "init_conv", bias=False),
-      *_dense(r"time_mlp\.1", "time_mlp1"),
-      *_dense(r"time_mlp\.3", "time_mlp2"),
-      *_dense(r"text_mlp\.0", "text_mlp1"),
-      *_dense(r"text_mlp\.2", "text_mlp2"),
-      *_dense(r"prompt_mlp", "prompt_mlp"),
+      *dense_rules(r"time_mlp\.1", "time_mlp1"),
+      *dense_rules(r"time_mlp\.3", "time_mlp2"),
+      *dense_rules(r"text_mlp\.0", "text_mlp1"),
+      *dense_rules(r"text_mlp\.2", "text_mlp2"),
+      *dense_rules(r"prompt_mlp", "prompt_mlp"),
       Rule(r"prompt", "prompt"),
       *_conv(r"downsample", "downsample"),
       *_conv(r"upsample\.1", "upsample.conv"),
