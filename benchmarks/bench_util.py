@@ -41,3 +41,29 @@ def memory(compiled) -> dict:
   return dict(temp_gib=round(m.temp_size_in_bytes / 2**30, 3),
               argument_gib=round(m.argument_size_in_bytes / 2**30, 3),
               output_gib=round(m.output_size_in_bytes / 2**30, 3))
+
+
+def time_adamw_step(loss_fn, params, key, repeats: int):
+  """Compiles and times one AdamW training step on `loss_fn(params, key) -> scalar`.
+
+  Returns (compile seconds, seconds per step, the compiled executable).
+  """
+  import optax
+
+  tx = optax.adamw(2e-4, b1=0.9, b2=0.99)
+
+  def train_step(p, opt, key):
+    loss, grads = jax.value_and_grad(loss_fn)(p, key)
+    updates, opt = tx.update(grads, opt, p)
+    return optax.apply_updates(p, updates), opt, loss
+
+  state = [params, tx.init(params)]
+  t0 = time.perf_counter()
+  step = jax.jit(train_step, donate_argnums=(0, 1)).lower(state[0], state[1], key).compile()
+  compile_s = time.perf_counter() - t0
+
+  def run():
+    state[0], state[1], loss = step(state[0], state[1], key)
+    return loss
+
+  return compile_s, timeit(run, repeats), step

@@ -21,8 +21,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
-from bench_util import device_name, emit, memory, timeit
+from bench_util import device_name, emit, memory, time_adamw_step, timeit
 from flax import nnx
 
 from uir_jax import losses
@@ -65,32 +64,15 @@ def bench(args, which: str, dtype_name: str):
   emit(name=f"nafnet_{which}/forward_images_per_s", value=round(b / sec, 3), unit="images/s",
         compile_s=round(compile_s, 1), **memory(fwd), **base)
 
-  tx = optax.adamw(2e-4, b1=0.9, b2=0.99)
-  opt = tx.init(params)
+  def loss_fn(p, key):
+    if which == "conditional":
+      t, xt, _ = sde.random_states(key, gt, lq)
+      eps = apply(p, xt, lq, t).astype(jnp.float32)
+      pred, target = sde.training_pair(eps, xt, gt, lq, t)
+      return losses.matching_loss(pred, target, kind="l1")
+    return jnp.mean(jnp.abs(apply(p, lq, lq, None) - gt))
 
-  def train_step(p, opt, key):
-    def loss_fn(p):
-      if which == "conditional":
-        t, xt, _ = sde.random_states(key, gt, lq)
-        eps = apply(p, xt, lq, t).astype(jnp.float32)
-        pred, target = sde.training_pair(eps, xt, gt, lq, t)
-        return losses.matching_loss(pred, target, kind="l1")
-      return jnp.mean(jnp.abs(apply(p, lq, lq, None) - gt))
-
-    loss, grads = jax.value_and_grad(loss_fn)(p)
-    updates, opt = tx.update(grads, opt, p)
-    return optax.apply_updates(p, updates), opt, loss
-
-  t0 = time.perf_counter()
-  step = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt, k[0]).compile()
-  compile_s = time.perf_counter() - t0
-  state = [params, opt]
-
-  def run():
-    state[0], state[1], loss = step(state[0], state[1], k[0])
-    return loss
-
-  sec = timeit(run, args.repeats)
+  compile_s, sec, step = time_adamw_step(loss_fn, params, k[0], args.repeats)
   emit(name=f"nafnet_{which}/train_step_images_per_s", value=round(b / sec, 3),
         unit="images/s", compile_s=round(compile_s, 1), **memory(step), **base)
 

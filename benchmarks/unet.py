@@ -23,8 +23,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
-from bench_util import device_name, emit, memory, timeit
+from bench_util import device_name, emit, memory, time_adamw_step, timeit
 from flax import nnx
 
 from uir_jax import losses
@@ -58,31 +57,14 @@ def bench_forward_and_train(args, dtype: str):
   emit(name="unet/forward_images_per_s", value=round(b / sec, 3), unit="images/s",
         compile_s=round(compile_s, 1), **memory(fwd), **base)
 
-  tx = optax.adamw(2e-4, b1=0.9, b2=0.99)
-  opt = tx.init(params)
+  def loss_fn(p, key):
+    t, xt, _ = sde.random_states(key, gt, lq)
+    m = nnx.merge(graphdef, p, rest)
+    eps = m(xt, lq, t, text_context=text, image_context=image).astype(jnp.float32)
+    pred, target = sde.training_pair(eps, xt, gt, lq, t)
+    return losses.matching_loss(pred, target, kind="l1")
 
-  def train_step(params, opt, key):
-    def loss_fn(p):
-      t, xt, _ = sde.random_states(key, gt, lq)
-      m = nnx.merge(graphdef, p, rest)
-      eps = m(xt, lq, t, text_context=text, image_context=image).astype(jnp.float32)
-      pred, target = sde.training_pair(eps, xt, gt, lq, t)
-      return losses.matching_loss(pred, target, kind="l1")
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), opt, loss
-
-  t0 = time.perf_counter()
-  step = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt, k[0]).compile()
-  compile_s = time.perf_counter() - t0
-  state = [params, opt]
-
-  def run():
-    state[0], state[1], loss = step(state[0], state[1], k[0])
-    return loss
-
-  sec = timeit(run, args.repeats)
+  compile_s, sec, step = time_adamw_step(loss_fn, params, k[0], args.repeats)
   emit(name="unet/train_step_images_per_s", value=round(b / sec, 3), unit="images/s",
         compile_s=round(compile_s, 1), **memory(step), **base)
 

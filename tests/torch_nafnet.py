@@ -11,8 +11,6 @@ way, independently of the JAX code.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 import torch_unet
@@ -44,16 +42,7 @@ class LayerNorm2d(nn.Module):
     return self.weight.view(1, -1, 1, 1) * y + self.bias.view(1, -1, 1, 1)
 
 
-class SinusoidalPosEmb(nn.Module):
-  def __init__(self, dim):
-    super().__init__()
-    self.dim = dim
-
-  def forward(self, t):
-    half = self.dim // 2
-    f = torch.exp(torch.arange(half, device=t.device) * -(math.log(10000) / (half - 1)))
-    a = t.float()[:, None] * f[None, :]
-    return torch.cat([a.sin(), a.cos()], dim=-1)
+SinusoidalPosEmb = torch_unet.SinusoidalPosEmb
 
 
 # --- LDM SpatialTransformer (spec §4.2): the U-Net reference's, with NAFNet's argument order ---

@@ -271,6 +271,32 @@ def param_shapes(model: Any) -> dict[str, tuple[int, ...]]:
   return {k: tuple(v.shape) for k, v in flat_params(nnx.state(model, nnx.Param)).items()}
 
 
+def unwrap_network(ckpt: Mapping[str, Any], containers: Sequence[str]) -> dict[str, Any]:
+  """A network's state_dict inside a checkpoint: the first of `containers` (e.g. "state_dict",
+  "params") holding a mapping, else the checkpoint itself; a DataParallel "module." is stripped."""
+  for key in containers:
+    if key in ckpt and isinstance(ckpt[key], Mapping):
+      ckpt = ckpt[key]
+      break
+  if not ckpt:
+    raise ConversionError("checkpoint has an empty state_dict")
+  return strip_prefix(ckpt, "module.")
+
+
+def check_options(options: Mapping[str, Any], inferred: Mapping[str, Any], model: str) -> None:
+  """Every option a caller gave must be known and agree with what the checkpoint implies.
+
+  Sequences are compared as tuples (a config's list equals the inferred tuple).
+  """
+  for name, value in options.items():
+    if name not in inferred:
+      raise ValueError(f"unknown {model} option {name!r}; known: {sorted(inferred)}")
+    want = tuple(value) if isinstance(inferred[name], tuple) else value
+    if want != inferred[name]:
+      raise ConversionError(f"option {name}={value!r} disagrees with the checkpoint, which has "
+                            f"{name}={inferred[name]!r}")
+
+
 def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> dict[str, Any]:
   """Strips `prefix` from every key that has it (DataParallel / DDP checkpoints)."""
   return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}

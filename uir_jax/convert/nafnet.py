@@ -30,6 +30,7 @@ from uir_jax.convert.common import (
     ConversionError,
     Rule,
     assign,
+    check_options,
     conv,
     conv1x1_to_linear,
     convert,
@@ -38,7 +39,7 @@ from uir_jax.convert.common import (
     linear,
     param_shapes,
     read_state_dict,
-    strip_prefix,
+    unwrap_network,
 )
 from uir_jax.models.nafnet import ConditionalNAFNet, NAFNet
 
@@ -183,13 +184,7 @@ def infer_options(sd: StateDict) -> dict[str, Any]:
 def unwrap_state_dict(ckpt: StateDict) -> dict[str, Any]:
   """The network state_dict inside a file: plain (IR-SDE saves `network.state_dict()`), or under
   "params"/"params_ema" (megvii/BasicSR) or "state_dict"; "module." is stripped."""
-  for key in ("params", "params_ema", "state_dict"):
-    if key in ckpt and isinstance(ckpt[key], Mapping):
-      ckpt = ckpt[key]
-      break
-  if not ckpt:
-    raise ConversionError("checkpoint has an empty state_dict")
-  return strip_prefix(ckpt, "module.")
+  return unwrap_network(ckpt, ("params", "params_ema", "state_dict"))
 
 
 def load_nafnet(path_or_state_dict: str | os.PathLike | StateDict, *, dtype=jnp.float32,
@@ -209,13 +204,7 @@ def load_nafnet(path_or_state_dict: str | os.PathLike | StateDict, *, dtype=jnp.
   """
   sd = unwrap_state_dict(read_state_dict(path_or_state_dict))
   inferred = infer_options(sd)
-  for name, value in options.items():
-    if name not in inferred:
-      raise ValueError(f"unknown NAFNet option {name!r}; known: {sorted(inferred)}")
-    want = tuple(value) if name.endswith("blk_nums") else value
-    if want != inferred[name]:
-      raise ConversionError(f"option {name}={value!r} disagrees with the checkpoint, which has "
-                            f"{name}={inferred[name]!r}")
+  check_options(options, inferred, "NAFNet")
   kw = dict(inferred)
   cls = ConditionalNAFNet if kw.pop("conditional") else NAFNet
   what = f"{cls.__name__} checkpoint"

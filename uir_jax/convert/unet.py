@@ -25,6 +25,7 @@ from uir_jax.convert.common import (
     ConversionError,
     Rule,
     assign,
+    check_options,
     conv,
     conv1x1_to_linear,
     convert,
@@ -33,7 +34,7 @@ from uir_jax.convert.common import (
     linear,
     param_shapes,
     read_state_dict,
-    strip_prefix,
+    unwrap_network,
 )
 from uir_jax.models.unet import ConditionalUNet
 
@@ -155,13 +156,7 @@ def infer_options(sd: StateDict) -> dict[str, Any]:
 def unwrap_state_dict(ckpt: StateDict) -> dict[str, Any]:
   """The U-Net state_dict inside a file: a plain state_dict (as released), or under
   "state_dict"/"params"; a DataParallel "module." prefix is stripped."""
-  for key in ("state_dict", "params"):
-    if key in ckpt and isinstance(ckpt[key], Mapping):
-      ckpt = ckpt[key]
-      break
-  if not ckpt:
-    raise ConversionError("checkpoint has an empty state_dict")
-  return strip_prefix(ckpt, "module.")
+  return unwrap_network(ckpt, ("state_dict", "params"))
 
 
 def load_unet(path_or_state_dict: str | os.PathLike | StateDict, *, dtype=jnp.float32,
@@ -180,13 +175,7 @@ def load_unet(path_or_state_dict: str | os.PathLike | StateDict, *, dtype=jnp.fl
   """
   sd = unwrap_state_dict(read_state_dict(path_or_state_dict))
   inferred = infer_options(sd)
-  for name, value in options.items():
-    if name not in inferred:
-      raise ValueError(f"unknown ConditionalUNet option {name!r}; known: {sorted(inferred)}")
-    want = tuple(value) if name == "ch_mult" else value
-    if want != inferred[name]:
-      raise ConversionError(f"option {name}={value!r} disagrees with the checkpoint, which has "
-                            f"{name}={inferred[name]!r}")
+  check_options(options, inferred, "ConditionalUNet")
   make = lambda: ConditionalUNet(**inferred, rngs=nnx.Rngs(0), dtype=dtype,
                                  attention_impl=attention_impl)
   abstract = nnx.eval_shape(make)
