@@ -91,8 +91,8 @@ def test_pad_image_matches_numpy(shape, pad, symmetric):
   np.testing.assert_array_equal(out, ref)  # pad > size included (repeated reflection)
 
 
-@pytest.mark.parametrize("n", [3, 5, 7, 9, 21])
-@pytest.mark.parametrize("shape", [(37, 53), (8, 11)])
+@pytest.mark.parametrize("n", [3, 5, 7, 9, 21])  # <= 7: depthwise conv; > 7: FFT
+@pytest.mark.parametrize("shape", [(37, 53), (8, 11), (3, 4)])
 def test_filter2d_equals_reflect101_direct_correlation(n, shape):
   rng = np.random.default_rng(n)
   img = rng.uniform(size=shape + (3,)).astype(np.float32)
@@ -114,9 +114,14 @@ def test_filter2d_support_crops_the_grid_kernel():
   grid = np.zeros((21, 21), np.float32)
   grid[7:14, 7:14] = small
   ref = _np_correlate(img, small)
-  for support in (7, 13, 21):
+  for support in (7, 13, 21):  # the direct branch (7) and the FFT (13, 21)
     out = _both(lambda x, k, s: deg.filter2d(x, k, s), img, grid, np.int32(support))
     np.testing.assert_allclose(out, ref, atol=2e-5)
+  for support in (1, 3, 5):  # smaller supports use only the centre of the grid kernel
+    a = support // 2
+    crop = grid[10 - a:11 + a, 10 - a:11 + a]
+    out = _both(lambda x, k, s: deg.filter2d(x, k, s), img, grid, np.int32(support))
+    np.testing.assert_allclose(out, _np_correlate(img, crop), atol=2e-5)
   with pytest.raises(ValueError, match="odd square"):
     deg.filter2d(img, np.ones((4, 4), np.float32))
 
@@ -175,6 +180,20 @@ def test_random_blur_words_and_branches():
 
 
 # --- Noise. ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(96, 96, 3), (33, 7)])  # odd count: one draw of a pair unused
+def test_standard_normal_box_muller_statistics(shape):
+  z = _both(lambda s: deg.standard_normal(tf.constant(shape), s), _seed(11))
+  assert z.shape == shape and z.dtype == np.float32 and np.isfinite(z).all()
+  z = z.ravel()
+  n = z.size
+  assert abs(z.mean()) < 4 / np.sqrt(n) and abs(z.std() - 1) < 4 / np.sqrt(2 * n)
+  if n > 10000:
+    assert abs(np.mean(z ** 4) - 3.0) < 0.25  # normal kurtosis (sd of the estimate ~0.06)
+    assert abs(np.mean(np.abs(z) > 1.96) - 0.05) < 0.006
+    assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < 0.03
+  assert np.abs(z).max() <= np.sqrt(2 * 23 * np.log(2)) + 1e-4
 
 
 def test_gaussian_noise_statistics():
