@@ -41,8 +41,6 @@ import time
 import numpy as np
 
 SIZE = 256
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _HERE = pathlib.Path(__file__).resolve().parent
 
 
@@ -122,21 +120,10 @@ def bench_numpy(crops, num, warmup, clip, processes=1):
 # -------------------------------------------------------------------------------------------------
 
 def _tf_clip_fn():
-  """F's `clip_input_tf` when it exists, else a local bicubic-224 resize + normalisation."""
-  import tensorflow as tf
+  """The pipelines' CLIP branch (`input_pipeline.pipelines.clip_image`)."""
+  from input_pipeline.pipelines import clip_image
 
-  try:
-    from input_pipeline.pipelines import clip_input_tf
-    return clip_input_tf, "input_pipeline.pipelines.clip_input_tf"
-  except ImportError:
-    pass
-  mean, std = tf.constant(CLIP_MEAN), tf.constant(CLIP_STD)
-
-  def clip_input(img):
-    x = tf.image.resize(img, (224, 224), method="bicubic", antialias=True)
-    return (x - mean) / std
-
-  return clip_input, "local tf.image.resize bicubic"
+  return clip_image, "input_pipeline.pipelines.clip_image"
 
 
 def _tf_dataset(crops, map_fn, cores, batch=16):

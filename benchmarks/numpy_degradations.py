@@ -318,11 +318,18 @@ def degradation_text_np(words: np.ndarray) -> str:
 
 
 def clip_input_np(img: np.ndarray) -> np.ndarray:
-  """CLIP branch for a square image: bicubic resize to 224, OpenAI normalisation; [224, 224, 3]."""
+  """CLIP branch as the reference's `clip_transform` (spec §3.4): 8-bit image, PIL bicubic resize
+  of the shortest side to 224, centre crop, OpenAI normalisation; [224, 224, 3]."""
+  from PIL import Image
+
   mean = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
   std = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-  x = cv2.resize(img, (224, 224), interpolation=cv2.INTER_CUBIC)
-  return (x - mean) / std
+  h, w = img.shape[:2]
+  new_h, new_w = (224, int(224 * w / h)) if h <= w else (int(224 * h / w), 224)
+  u8 = np.clip(np.round(img * 255.0), 0, 255).astype(np.uint8)
+  x = np.asarray(Image.fromarray(u8).resize((new_w, new_h), Image.BICUBIC), np.float32) / 255.0
+  top, left = int(round((new_h - 224) / 2.0)), int(round((new_w - 224) / 2.0))
+  return (x[top:top + 224, left:left + 224] - mean) / std
 
 
 def main(argv=None):

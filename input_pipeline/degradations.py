@@ -416,9 +416,9 @@ def _poisson_tables(vals=256):
     rates = np.arange(256) * vals / 255.0
     k = np.arange(_POISSON_K)
     log_fact = np.concatenate([[0.0], np.cumsum(np.log(k[1:]))])
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # rate 0: log 0 = -inf, 0 * -inf
       log_rate = np.log(rates)[:, None]
-    logpmf = np.where(k[None] > 0, k[None] * log_rate, 0.0) - rates[:, None] - log_fact[None]
+      logpmf = np.where(k[None] > 0, k[None] * log_rate, 0.0) - rates[:, None] - log_fact[None]
     cdf = np.cumsum(np.exp(logpmf), axis=1)  # float64 [256, K]; rate 0: all mass at 0.
     c = np.minimum(np.floor(cdf * 2.0 ** 23) + 1, 2 ** 23 + 1).astype(np.int64)
     c[:, -1] = 2 ** 23 + 1  # Everything at or above K - 1 is K - 1 (mass ~0).

@@ -109,11 +109,50 @@ def to_gray3(image):
   return tf.repeat(gray[..., None], 3, axis=-1)
 
 
+def _pil_pass(x, in_size: int, out_size: int, axis: int):
+  """One Pillow bicubic pass over integer-valued float32 [H, W, C] along axis 0 (H) or 1 (W):
+  Pillow's fixed-point weights as a dense matrix (a matmul), then its round-half-up and clamp."""
+  if in_size == out_size:
+    return x
+  from uir_jax.preprocess import pil_bicubic_weights  # numpy at trace time; jax is not called
+
+  weights = tf.constant(pil_bicubic_weights(in_size, out_size) / float(1 << 22), tf.float32)
+  spec = "oh,hwc->owc" if axis == 0 else "ow,hwc->hoc"
+  return tf.clip_by_value(tf.floor(tf.einsum(spec, weights, x) + 0.5), 0.0, 255.0)
+
+
 def clip_image(lq):
-  """LQ [P, P, 3] in [0, 1] -> CLIP input [224, 224, 3] (bicubic, 8-bit, OpenAI mean/std)."""
-  x = tf.image.resize(lq[None], [CLIP_SIZE, CLIP_SIZE], method="bicubic", antialias=True)[0]
-  x = tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0) / 255.0
-  return (x - tf.constant(OPENAI_MEAN)) / tf.constant(OPENAI_STD)
+  """LQ [H, W, 3] in [0, 1] -> CLIP input [224, 224, 3]: the reference's `clip_transform`.
+
+  8-bit image, PIL bicubic resize of the shortest side to 224 (antialiased, rounded and clamped to
+  8 bits after each pass, horizontal pass first when the height does not shrink much more than
+  the width: Pillow's order, see `uir_jax.preprocess`), centre crop, OpenAI mean/std. With a
+  static size (every pipeline's patches) the passes are matmuls with Pillow's own fixed-point
+  weights: equal to PIL up to float32 rounding at exact half levels (a pixel in ~10^4 off by one
+  level), and ~2x cheaper on one core than tf.image.resize's antialiased kernel (0.84 vs 1.8 ms
+  at 256 -> 224). A dynamic size falls back to tf.image.resize (Keys a = -0.5 with antialiasing,
+  no 8-bit rounding between passes: up to a few levels from PIL at edges).
+
+  Differs from the reference in one place on purpose: the 8-bit image is `round(x * 255)`, not
+  numpy's truncating `astype(uint8)`, which turns a /255 level stored as k - 1 ulp into k - 1.
+  """
+  from uir_jax.preprocess import center_crop_offsets, shortest_side_size, vertical_first
+
+  lq = tf.convert_to_tensor(lq, tf.float32)
+  h, w = lq.shape[0], lq.shape[1]
+  x = tf.round(tf.clip_by_value(lq, 0.0, 1.0) * 255.0)
+  if h is None or w is None:
+    x = tf.image.resize(x[None], [CLIP_SIZE, CLIP_SIZE], method="bicubic", antialias=True)[0]
+    x = tf.round(tf.clip_by_value(x, 0.0, 255.0))
+  else:
+    new_h, new_w = shortest_side_size(h, w, CLIP_SIZE)
+    if vertical_first(h, w, new_h, new_w):
+      x = _pil_pass(_pil_pass(x, h, new_h, 0), w, new_w, 1)
+    else:
+      x = _pil_pass(_pil_pass(x, w, new_w, 1), h, new_h, 0)
+    top, left = center_crop_offsets(new_h, new_w, CLIP_SIZE)
+    x = x[top:top + CLIP_SIZE, left:left + CLIP_SIZE]
+  return (x / 255.0 - tf.constant(OPENAI_MEAN)) / tf.constant(OPENAI_STD)
 
 
 @dataclasses.dataclass(frozen=True)
