@@ -29,7 +29,8 @@ def test_restore_command_writes_images_and_counts_bad_files(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   proc = subprocess.run(
       [sys.executable, "-m", "uir_jax.main", "restore", f"--unet={unet_path}",
-       f"--output_dir={out_dir}", "--num_steps=2", *good, str(bad)],
+       f"--output_dir={out_dir}", "--num_steps=2", "--tile=16", "--tile_overlap=4", *good,
+       str(bad)],  # a.png (21 x 30) runs on tiles, b.jpg (16 x 16) fits in one
       capture_output=True, text=True, env=env, timeout=600)
   assert proc.returncode != 0  # one file could not be read ...
   assert "1 of 3 image(s) could not be read" in proc.stderr
@@ -40,3 +41,7 @@ def test_restore_command_writes_images_and_counts_bad_files(tmp_path):
       [sys.executable, "-m", "uir_jax.main", "restore", f"--unet={tmp_path / 'nope.pth'}",
        good[0]], capture_output=True, text=True, env=env, timeout=600)
   assert missing.returncode != 0 and "not found" in missing.stderr
+  overlap = subprocess.run(
+      [sys.executable, "-m", "uir_jax.main", "restore", f"--unet={unet_path}", "--tile=8",
+       "--tile_overlap=8", good[0]], capture_output=True, text=True, env=env, timeout=600)
+  assert overlap.returncode != 0 and "must be smaller than --tile" in overlap.stderr

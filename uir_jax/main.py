@@ -2,6 +2,7 @@ r"""The `uir-jax` command.
 
   uir-jax train --config configs/irsde_quickstart.py[:variant] --workdir DIR [--config.k=v ...]
   uir-jax restore --unet universal-ir.pth [--daclip daclip_ViT-B-32.pt] --output_dir OUT IMAGE...
+                  [--num_steps 20] [--tile 512 --tile_overlap 64 | --tile 0]
 
 Commands:
   train     train the model described by an ml_collections config (see configs/*.py docstrings).
@@ -28,6 +29,12 @@ flags.DEFINE_string("output_dir", "restored", "Where restored PNGs are written."
 flags.DEFINE_enum("mode", "posterior", ["posterior", "sde", "ode"], "IR-SDE sampler.")
 flags.DEFINE_integer("num_steps", None, "Posterior steps (default T=100; fewer is faster).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_integer("tile", 512, "Run the denoiser on tiles of at most this many pixels per side, "
+                     "blended over --tile_overlap pixels at every step: bounded memory for any "
+                     "image size; smaller images are unaffected. 0: whole images.", lower_bound=0)
+flags.DEFINE_integer("tile_overlap", 64, "Pixels shared by neighbouring tiles.", lower_bound=0)
+flags.DEFINE_integer("tile_batch", 1, "Tiles per denoiser call (faster on an accelerator, more "
+                     "memory).", lower_bound=1)
 
 
 def _train(argv):
@@ -68,8 +75,13 @@ def _restore(argv):
   missing = [p for p in [FLAGS.unet, FLAGS.daclip, *paths] if p and not os.path.isfile(p)]
   if missing:
     raise app.UsageError(f"file(s) not found: {', '.join(missing)}")
+  if FLAGS.tile and FLAGS.tile_overlap >= FLAGS.tile:
+    raise app.UsageError(f"--tile_overlap ({FLAGS.tile_overlap}) must be smaller than --tile "
+                         f"({FLAGS.tile})")
   restorer = Restorer.from_checkpoints(FLAGS.daclip, FLAGS.unet, mode=FLAGS.mode,
-                                       num_steps=FLAGS.num_steps)
+                                       num_steps=FLAGS.num_steps, tile=FLAGS.tile or None,
+                                       tile_overlap=FLAGS.tile_overlap,
+                                       tile_batch=FLAGS.tile_batch)
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   failed = 0
   for i, path in enumerate(paths):

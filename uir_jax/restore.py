@@ -2,11 +2,15 @@
 
     restorer = Restorer.from_checkpoints("daclip_ViT-B-32.pt", "universal-ir.pth")
     out = restorer(lq_images, jax.random.key(0))          # [B, H, W, 3] floats in [0, 1]
+    big = Restorer.from_checkpoints(..., tile=512, tile_overlap=64)   # bounded memory, any size
 
 Design: modules are split once (`nnx.split`) and the pure functions below are jitted over
 (graphdef, state); the sampler's denoiser is one cached function object per graphdef, so repeated
 calls with the same image shape never recompile, and the weights travel as arguments instead of
 being baked into the program as constants.
+
+Large images: `tiled_eps_fn` evaluates the denoiser on overlapping tiles at every sampler step and
+blends them (see its docstring); the sampler, its noise and the DA-CLIP conditioning stay global.
 """
 
 from __future__ import annotations
@@ -48,6 +52,75 @@ def make_eps_fn(model: nnx.Module, *, text_context: Array | None = None,
   """(eps_fn, eps_args) ready for `IRSDE.sample(eps_fn, mu, key, eps_args=eps_args)`."""
   graphdef, state = nnx.split(model)
   return denoiser_eps_fn(graphdef), (state, text_context, image_context)
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+  """Start offsets of tiles of length `tile` covering [0, size), `overlap` apart at least.
+
+  Stride tile - overlap; the last tile is moved back to end at the border (so it may overlap its
+  neighbour by more). size <= tile gives one tile at 0 (the caller shrinks it to the image).
+  """
+  if tile < 1 or not 0 <= overlap < tile:
+    raise ValueError(f"need tile >= 1 and 0 <= tile_overlap < tile, got tile={tile}, "
+                     f"tile_overlap={overlap}")
+  if size <= tile:
+    return [0]
+  starts = list(range(0, size - tile, tile - overlap))
+  return starts + [size - tile]
+
+
+def _tile_window(length: int, overlap: int, at_start: bool, at_end: bool) -> np.ndarray:
+  """1-D blending weights of one tile: a linear ramp (0, 1] across `overlap` pixels on each side
+  that meets another tile, 1 on sides at the image border and in the middle."""
+  w = np.ones(length, np.float32)
+  if overlap > 0:
+    ramp = (np.arange(length, dtype=np.float32) + 0.5) / overlap
+    if not at_start:
+      w = np.minimum(w, ramp)
+    if not at_end:
+      w = np.minimum(w, ramp[::-1])
+  return w
+
+
+@functools.cache
+def tiled_eps_fn(eps_fn: Callable[..., Array], tile: int, overlap: int = 32,
+                 tile_batch: int = 1) -> Callable[..., Array]:
+  """`eps_fn` evaluated on overlapping tiles of at most tile x tile pixels and blended.
+
+  Same signature as `eps_fn` (`(x, mu, t, *eps_args)`, NHWC), so it drops into `IRSDE.sample`.
+  Each tile sees its own crop of x and mu with the same t and the same (global) conditioning;
+  outputs are averaged with weights that ramp linearly over the overlap, so every pixel is a convex
+  combination of the tiles covering it and tile borders leave no seams (the sampler re-mixes the
+  tiles at every step). Tiles run one after another (`jax.lax.map`, `tile_batch` at a time), so
+  peak memory is that of a tile_batch x tile x tile forward pass whatever the image size. Images
+  that fit in one tile call `eps_fn` directly: identical results to the untiled path.
+
+  Cached per (eps_fn, tile, overlap, tile_batch): one function object, one compilation per shape.
+  """
+  tile_starts(tile + 1, tile, overlap)  # validates tile and overlap
+  if tile_batch < 1:
+    raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
+
+  def tiled(x, mu, t, *eps_args):
+    _, h, w, _ = x.shape
+    if h <= tile and w <= tile:
+      return eps_fn(x, mu, t, *eps_args)
+    th, tw = min(tile, h), min(tile, w)
+    ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
+    boxes = [(y, x0) for y in ys for x0 in xs]
+    crop = lambda a: jnp.stack([a[:, y:y + th, x0:x0 + tw] for y, x0 in boxes])
+    outs = jax.lax.map(lambda xm: eps_fn(xm[0], xm[1], t, *eps_args), (crop(x), crop(mu)),
+                       batch_size=tile_batch)  # [N, B, th, tw, C]
+    total = jnp.zeros(outs.shape[1:2] + (h, w) + outs.shape[-1:], outs.dtype)
+    weight = np.zeros((h, w), np.float32)
+    for n, (y, x0) in enumerate(boxes):
+      win = np.outer(_tile_window(th, overlap, y == 0, y + th == h),
+                     _tile_window(tw, overlap, x0 == 0, x0 + tw == w))
+      weight[y:y + th, x0:x0 + tw] += win
+      total = total.at[:, y:y + th, x0:x0 + tw].add(outs[n] * win[None, :, :, None])
+    return total / jnp.asarray(weight)[None, :, :, None]
+
+  return tiled
 
 
 def load_denoiser(path_or_state_dict: Any) -> nnx.Module:
@@ -100,16 +173,26 @@ class Restorer:
     sde: the IR-SDE (default: the released models' max_sigma 50, T 100, cosine, eps 0.005).
     mode: "posterior" (default, like the reference app), "sde" or "ode".
     num_steps: network evaluations (< T only for "posterior"; fewer steps = faster).
+    tile: if set, the denoiser runs on tiles of at most tile x tile pixels (`tiled_eps_fn`):
+      bounded memory for any image size; images that fit in one tile are unaffected.
+    tile_overlap: pixels shared by neighbouring tiles (blended with linear ramps).
+    tile_batch: tiles per denoiser call (more = faster on an accelerator, more memory).
   """
 
   def __init__(self, unet: nnx.Module, daclip: nnx.Module | None = None, sde: IRSDE | None = None,
-               mode: str = "posterior", num_steps: int | None = None):
+               mode: str = "posterior", num_steps: int | None = None, *,
+               tile: int | None = None, tile_overlap: int = 32, tile_batch: int = 1):
     self.unet = unet
     self.daclip = daclip
     self.sde = sde or IRSDE()
     self.mode = mode
     self.num_steps = num_steps
     self.sde.timesteps(num_steps)  # validates num_steps early
+    self.tile, self.tile_overlap, self.tile_batch = tile, tile_overlap, tile_batch
+    if tile is not None:
+      tile_starts(tile + 1, tile, tile_overlap)  # validates early, with the flag names
+      if tile_batch < 1:
+        raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
 
   @classmethod
   def from_checkpoints(cls, daclip_path: str | None, unet_path: str, **kwargs) -> Restorer:
@@ -139,6 +222,8 @@ class Restorer:
     text_context, image_context = self.conditioning(images)
     eps_fn, eps_args = make_eps_fn(self.unet, text_context=text_context,
                                    image_context=image_context)
+    if self.tile is not None:
+      eps_fn = tiled_eps_fn(eps_fn, self.tile, self.tile_overlap, self.tile_batch)
     out = self.sde.sample(eps_fn, images, key, self.mode, self.num_steps, eps_args=eps_args)
     return jnp.clip(out, 0.0, 1.0)
 
