@@ -7,11 +7,13 @@ weights) on the default JAX device:
     temp memory (XLA memory_analysis) at --batch x --size^2, for each --dtypes entry;
   * time to restore one --size^2 image with --steps posterior steps, compile time reported apart;
   * with --large N (e.g. 1024): compile the NxN forward, report its temp memory for the chosen
-    attention implementation and, unless --large-compile-only, run it once.
+    attention implementation and, unless --large-compile-only, run it once; with --tile T also
+    the tiled denoiser (`uir_jax.restore.tiled_eps_fn`, T x T tiles, --tile-overlap) at NxN.
 
   python benchmarks/unet.py                                   # issue defaults: batch 16, 256^2
   python benchmarks/unet.py --batch 2 --size 128 --steps 10 --dtypes float32   # quick, on a CPU
   python benchmarks/unet.py --only large --large 1024
+  python benchmarks/unet.py --only large --large 2048 --tile 512 --large-compile-only
 
 Prints JSON lines: name, device, value, unit (+ shape, dtype, extras).
 """
@@ -28,7 +30,7 @@ from flax import nnx
 
 from uir_jax import losses
 from uir_jax.models.unet import ConditionalUNet
-from uir_jax.restore import make_eps_fn
+from uir_jax.restore import make_eps_fn, tiled_eps_fn
 from uir_jax.sde import IRSDE
 
 
@@ -107,10 +109,23 @@ def bench_large(args):
   base = dict(device=device_name(), shape=[1, n, n, 3], dtype=str(dtype), attention=args.attention)
   emit(name="unet/large_forward_compiled_memory", value=memory(compiled).get("temp_gib"),
         unit="GiB temp", compile_s=round(compile_s, 1), **memory(compiled), **base)
-  if not args.large_compile_only:
+  runs = [("unet/large_forward", compiled, (state, x, ctx))]
+  if args.tile:
+    eps_fn, eps_args = make_eps_fn(model, text_context=ctx, image_context=ctx)
+    tiled = tiled_eps_fn(eps_fn, args.tile, args.tile_overlap)
+    t = jnp.full((1,), 50, jnp.int32)
     t0 = time.perf_counter()
-    out = jax.block_until_ready(compiled(state, x, ctx))
-    emit(name="unet/large_forward_time", value=round(time.perf_counter() - t0, 2), unit="s",
+    compiled_tiled = jax.jit(tiled).lower(x, x, t, *eps_args).compile()
+    compile_s = time.perf_counter() - t0
+    emit(name="unet/large_tiled_forward_compiled_memory",
+          value=memory(compiled_tiled).get("temp_gib"), unit="GiB temp",
+          compile_s=round(compile_s, 1), tile=args.tile, tile_overlap=args.tile_overlap,
+          **memory(compiled_tiled), **base)
+    runs.append(("unet/large_tiled_forward", compiled_tiled, (x, x, t, *eps_args)))
+  for name, fn, fn_args in runs if not args.large_compile_only else []:
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*fn_args))
+    emit(name=f"{name}_time", value=round(time.perf_counter() - t0, 2), unit="s",
           finite=bool(jnp.isfinite(out).all()), **base)
 
 
@@ -126,6 +141,8 @@ def main(argv=None):
   p.add_argument("--only", choices=["throughput", "restore", "large"], default=None)
   p.add_argument("--large", type=int, default=0, help="also compile (and run) an NxN forward")
   p.add_argument("--large-compile-only", action="store_true")
+  p.add_argument("--tile", type=int, default=0, help="with --large: also the tiled denoiser")
+  p.add_argument("--tile-overlap", type=int, default=64)
   args = p.parse_args(argv)
   for dtype in args.dtypes:
     if args.only in (None, "throughput"):
