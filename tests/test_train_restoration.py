@@ -16,8 +16,10 @@ def test_quickstart_tiny_trains_evaluates_and_resumes(tmp_path):
   workdir = str(tmp_path / "wd")
   config = irsde_quickstart.get_config("tiny")
   metrics = restoration.train_and_evaluate(config, workdir)
-  assert set(metrics) == {"eval/psnr_lq", "eval/psnr_restored"}
+  assert set(metrics) == {"eval/psnr_lq", "eval/psnr_restored", "eval/ssim_lq",
+                          "eval/ssim_restored"}
   assert all(np.isfinite(v) for v in metrics.values())
+  assert all(-1.0 <= metrics[k] <= 1.0 for k in ("eval/ssim_lq", "eval/ssim_restored"))
   # Artifacts: config, an eval grid PNG, checkpoints at the interval and the last step.
   assert json.load(open(os.path.join(workdir, "config.json")))["total_steps"] == 6
   assert glob.glob(os.path.join(workdir, "eval_0000006.png"))

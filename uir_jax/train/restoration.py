@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from uir_jax import losses
 from uir_jax.checkpoint import Checkpointer, abstract_like
-from uir_jax.metrics.image import psnr
+from uir_jax.metrics.image import psnr, ssim
 from uir_jax.restore import denoiser_eps_fn
 from uir_jax.sde import IRSDE
 
@@ -181,6 +181,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     restored = np.asarray(jnp.clip(restored, 0, 1))
     out = {"eval/psnr_lq": float(np.mean(psnr(lq, gt))),
            "eval/psnr_restored": float(np.mean(psnr(restored, gt)))}
+    if min(gt.shape[1:3]) >= 11:  # SSIM's 11 x 11 window
+      out["eval/ssim_lq"] = float(np.mean(ssim(lq, gt)))
+      out["eval/ssim_restored"] = float(np.mean(ssim(restored, gt)))
     writer.write_scalars(step, out)
     grid = _image_grid(np.asarray(lq), restored, np.asarray(gt))
     writer.write_images(step, {"eval/lq_restored_gt": grid[None]})
