@@ -45,3 +45,29 @@ def test_restore_command_writes_images_and_counts_bad_files(tmp_path):
       [sys.executable, "-m", "uir_jax.main", "restore", f"--unet={unet_path}", "--tile=8",
        "--tile_overlap=8", good[0]], capture_output=True, text=True, env=env, timeout=600)
   assert overlap.returncode != 0 and "must be smaller than --tile" in overlap.stderr
+
+
+@pytest.mark.torch
+def test_convert_then_restore_without_torch(tmp_path):
+  torch = pytest.importorskip("torch")
+  torch_unet = pytest.importorskip("torch_unet")
+
+  model = torch_unet.ConditionalUNet(nf=16, ch_mult=(1, 2), context_dim=0,
+                                     use_degra_context=False, use_image_context=False)
+  pth, st = tmp_path / "unet.pth", tmp_path / "unet.safetensors"
+  torch.save(torch_unet.randomize_(model).state_dict(), pth)
+  photo = tmp_path / "p.png"
+  Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 24, 3), np.uint8)).save(photo)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  conv = subprocess.run([sys.executable, "-m", "uir_jax.main", "convert", str(pth), str(st)],
+                        capture_output=True, text=True, env=env, timeout=600)
+  assert conv.returncode == 0, conv.stderr[-2000:]
+  assert "denoiser" in conv.stdout and st.is_file()
+  # The converted file restores in a process where importing torch fails.
+  no_torch = "import sys; sys.modules['torch'] = None; from uir_jax.main import run; run(sys.argv)"
+  out_dir = tmp_path / "out"
+  proc = subprocess.run(
+      [sys.executable, "-c", no_torch, "restore", f"--unet={st}", f"--output_dir={out_dir}",
+       "--num_steps=2", str(photo)], capture_output=True, text=True, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert Image.open(out_dir / "p.png").size == (24, 20)

@@ -326,3 +326,24 @@ def test_zero_shot_probabilities_and_crafted_argmax():
     assert (probs.argmax(-1) == k).all()
   with pytest.raises(ValueError, match="sequence of strings"):
     classify_degradation(model, images, "noisy")
+
+
+@pytest.mark.torch
+def test_safetensors_export_of_a_released_checkpoint(reference, tmp_path):
+  import torch
+  from safetensors.numpy import load_file
+
+  from uir_jax.convert.export import to_safetensors
+
+  model, images, ids, want = reference
+  src = tmp_path / "daclip.pt"
+  torch.save(_checkpoint(model.state_dict(), True), src)
+  dest = str(tmp_path / "daclip.safetensors")
+  assert to_safetensors(str(src), dest) == "daclip"
+  stored = load_file(dest)
+  assert not any(k.startswith("module.") for k in stored)  # unwrapped: no optimizer, no prefix
+  ours = load_daclip(dest)
+  content, degra, _, text = _ours(ours, images, ids)
+  assert np.abs(content - want["content"]).max() <= TOL
+  assert np.abs(degra - want["degra"]).max() <= TOL
+  assert np.abs(text - want["text"]).max() <= TOL

@@ -3,10 +3,13 @@ r"""The `uir-jax` command.
   uir-jax train --config configs/irsde_quickstart.py[:variant] --workdir DIR [--config.k=v ...]
   uir-jax restore --unet universal-ir.pth [--daclip daclip_ViT-B-32.pt] --output_dir OUT IMAGE...
                   [--num_steps 20] [--tile 512 --tile_overlap 64 | --tile 0]
+  uir-jax convert CHECKPOINT.pt[h] OUT.safetensors [--kind daclip|clip|denoiser|lpips]
 
 Commands:
   train     train the model described by an ml_collections config (see configs/*.py docstrings).
   restore   restore photos with released (PyTorch) or converted checkpoints; writes OUT/<name>.png.
+  convert   rewrite a PyTorch checkpoint as a .safetensors state_dict (checked by loading it), so
+            restoring needs no torch afterwards.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ flags.DEFINE_string("output_dir", "restored", "Where restored PNGs are written."
 flags.DEFINE_enum("mode", "posterior", ["posterior", "sde", "ode"], "IR-SDE sampler.")
 flags.DEFINE_integer("num_steps", None, "Posterior steps (default T=100; fewer is faster).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_enum("kind", None, ["daclip", "clip", "denoiser", "lpips"],
+                  "convert: the model in the checkpoint (default: told from its keys).")
 flags.DEFINE_integer("tile", 512, "Run the denoiser on tiles of at most this many pixels per side, "
                      "blended over --tile_overlap pixels at every step: bounded memory for any "
                      "image size; smaller images are unaffected. 0: whole images.", lower_bound=0)
@@ -100,7 +105,23 @@ def _restore(argv):
     sys.exit(f"{failed} of {len(paths)} image(s) could not be read")
 
 
-COMMANDS = {"train": _train, "restore": _restore}
+def _convert(argv):
+  if len(argv) != 3:
+    raise app.UsageError("convert needs CHECKPOINT and OUT.safetensors")
+  import os
+
+  from uir_jax.convert.export import to_safetensors
+
+  src, dest = argv[1], argv[2]
+  if not os.path.isfile(src):
+    raise app.UsageError(f"file not found: {src}")
+  if not dest.endswith(".safetensors"):
+    raise app.UsageError(f"the output must end in .safetensors, got {dest}")
+  kind = to_safetensors(src, dest, FLAGS.kind)
+  print(f"{src} -> {dest} ({kind}, {os.path.getsize(dest) / 2**20:.1f} MiB)")
+
+
+COMMANDS = {"train": _train, "restore": _restore, "convert": _convert}
 
 
 def run(argv: list[str] | None = None) -> None:
