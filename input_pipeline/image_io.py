@@ -36,9 +36,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from uir_jax.data_layout import IMAGE_EXTENSIONS, list_images  # noqa: F401 (re-exported)
+
 # File name endings the listing step treats as images (compared lower-case). TF sniffs the real
 # format from the bytes, so a JPEG saved as .png still decodes.
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 
 _PNG_MAGIC = b"\x89PNG"
 # Keys every summary carries, in the order they are logged.
@@ -71,25 +72,6 @@ class ScanResult:
   @property
   def bad_paths(self) -> list[str]:
     return [p for p, info in zip(self.paths, self.infos, strict=True) if info is None]
-
-
-def list_images(root: str, *, recursive: bool = True) -> list[str]:
-  """Sorted paths of the image files under `root` (by extension; hidden files skipped)."""
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f"image folder {root!r} does not exist or is not a directory")
-  out = []
-  if recursive:
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-      dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-      out.extend(os.path.join(dirpath, f) for f in filenames if _is_image_name(f))
-  else:
-    out = [os.path.join(root, f) for f in os.listdir(root)
-           if _is_image_name(f) and os.path.isfile(os.path.join(root, f))]
-  return sorted(out)
-
-
-def _is_image_name(name: str) -> bool:
-  return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 # --- Graph-side decoding. -------------------------------------------------------------------------

@@ -40,9 +40,9 @@ from absl import logging
 
 from input_pipeline import image_io
 
-# The ten degradation names of the universal (DA-CLIP) set, in the reference's order (spec §3.2).
-DEGRADATIONS = ("motion-blurry", "hazy", "jpeg-compressed", "low-light", "noisy", "raindrop",
-                "rainy", "shadowed", "snowy", "uncompleted")
+# The ten degradation names (spec §3.2) and the file pairing are shared with uir_jax.evaluate.
+from uir_jax.data_layout import DEGRADATIONS, list_universal_pairs  # noqa: F401 (re-exported)
+
 SPLITS = ("train", "val")
 
 QUICKSTART_CAPTIONS = os.path.join(os.path.dirname(__file__), "data", "quickstart_captions.json")
@@ -261,49 +261,6 @@ def _paired_source(name: str, lq: Sequence[str], gt: Sequence[str], labels: Sequ
 
 
 # --- (a) The ten-task layout. ---------------------------------------------------------------------
-
-
-def _stem(path: str) -> str:
-  return os.path.splitext(os.path.basename(path))[0]
-
-
-def list_universal_pairs(split_dir: str, *, match_names: bool = True) -> dict[str, list]:
-  """{degradation: [(lq_path, gt_path), ...]} for `split_dir/<degradation>/{LQ,GT}/*`.
-
-  Pairs are formed in sorted file-name order (spec §3.1). With `match_names`, the i-th LQ and
-  i-th GT must have the same name up to the extension; otherwise, or if the counts differ, a
-  ValueError names the folder and the first mismatch. Degradation folders without LQ/GT subfolders
-  are errors too; unknown degradation names are allowed (label -1) with a warning.
-  """
-  if not os.path.isdir(split_dir):
-    raise FileNotFoundError(f"{split_dir!r} is not a directory (expected "
-                            "<root>/<split>/<degradation>/{LQ,GT}/*)")
-  pairs = {}
-  for deg in sorted(os.listdir(split_dir)):
-    folder = os.path.join(split_dir, deg)
-    if deg.startswith(".") or not os.path.isdir(folder):
-      continue
-    lq_dir, gt_dir = os.path.join(folder, "LQ"), os.path.join(folder, "GT")
-    if not (os.path.isdir(lq_dir) and os.path.isdir(gt_dir)):
-      raise ValueError(f"degradation folder {folder!r} must contain LQ/ and GT/ subfolders")
-    lq = image_io.list_images(lq_dir, recursive=False)
-    gt = image_io.list_images(gt_dir, recursive=False)
-    if len(lq) != len(gt):
-      raise ValueError(f"{folder}: {len(lq)} LQ images but {len(gt)} GT images; LQ and GT are "
-                       "paired by sorted file name and must match one to one")
-    if match_names:
-      for a, b in zip(lq, gt, strict=True):
-        if _stem(a) != _stem(b):
-          raise ValueError(f"{folder}: LQ/GT file names do not match in sorted order: "
-                           f"LQ/{os.path.basename(a)} vs GT/{os.path.basename(b)} (pass "
-                           "match_names=False to pair by order only, as the reference does)")
-    if deg not in DEGRADATIONS:
-      logging.warning("%s: %r is not one of the ten degradation names; label -1", split_dir, deg)
-    if lq:
-      pairs[deg] = list(zip(lq, gt, strict=True))
-  if not pairs:
-    raise ValueError(f"{split_dir}: no <degradation>/LQ,GT image pairs found")
-  return pairs
 
 
 def resolve_split_dir(root: str, split: str) -> str:

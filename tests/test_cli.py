@@ -9,15 +9,19 @@ import pytest
 from PIL import Image
 
 
-@pytest.mark.torch
-def test_restore_command_writes_images_and_counts_bad_files(tmp_path):
+def _save_tiny_torch_unet(path):
+  """A random unconditional U-Net state_dict written by PyTorch (our spec-built reference)."""
   torch = pytest.importorskip("torch")
   torch_unet = pytest.importorskip("torch_unet")
-
   model = torch_unet.ConditionalUNet(nf=16, ch_mult=(1, 2), context_dim=0,
                                      use_degra_context=False, use_image_context=False)
-  unet_path = tmp_path / "unet.pth"
-  torch.save(torch_unet.randomize_(model).state_dict(), unet_path)
+  torch.save(torch_unet.randomize_(model).state_dict(), path)
+  return path
+
+
+@pytest.mark.torch
+def test_restore_command_writes_images_and_counts_bad_files(tmp_path):
+  unet_path = _save_tiny_torch_unet(tmp_path / "unet.pth")
   rng = np.random.default_rng(0)
   good = []
   for name, size in (("a.png", (21, 30)), ("b.jpg", (16, 16))):
@@ -49,13 +53,8 @@ def test_restore_command_writes_images_and_counts_bad_files(tmp_path):
 
 @pytest.mark.torch
 def test_convert_then_restore_without_torch(tmp_path):
-  torch = pytest.importorskip("torch")
-  torch_unet = pytest.importorskip("torch_unet")
-
-  model = torch_unet.ConditionalUNet(nf=16, ch_mult=(1, 2), context_dim=0,
-                                     use_degra_context=False, use_image_context=False)
-  pth, st = tmp_path / "unet.pth", tmp_path / "unet.safetensors"
-  torch.save(torch_unet.randomize_(model).state_dict(), pth)
+  pth = _save_tiny_torch_unet(tmp_path / "unet.pth")
+  st = tmp_path / "unet.safetensors"
   photo = tmp_path / "p.png"
   Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 24, 3), np.uint8)).save(photo)
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")

@@ -4,10 +4,15 @@ r"""The `uir-jax` command.
   uir-jax restore --unet universal-ir.pth [--daclip daclip_ViT-B-32.pt] --output_dir OUT IMAGE...
                   [--num_steps 20] [--tile 512 --tile_overlap 64 | --tile 0]
   uir-jax convert CHECKPOINT.pt[h] OUT.safetensors [--kind daclip|clip|denoiser|lpips]
+  uir-jax eval --unet universal-ir.pth [--daclip daclip_ViT-B-32.pt] --data datasets/universal/val
+               [--limit 100] [--lpips lpips_alex.pth] [--output_dir OUT]
 
 Commands:
   train     train the model described by an ml_collections config (see configs/*.py docstrings).
   restore   restore photos with released (PyTorch) or converted checkpoints; writes OUT/<name>.png.
+  eval      restore a paired test set (<data>/<degradation>/{LQ,GT} or <data>/{LQ,GT}) and report
+            PSNR / SSIM (RGB and luma, 4-px border, 8-bit) and LPIPS per set, as the reference's
+            test.py; writes OUT/results.json and the restored PNGs.
   convert   rewrite a PyTorch checkpoint as a .safetensors state_dict (checked by loading it), so
             restoring needs no torch afterwards.
 """
@@ -32,6 +37,13 @@ flags.DEFINE_string("output_dir", "restored", "Where restored PNGs are written."
 flags.DEFINE_enum("mode", "posterior", ["posterior", "sde", "ode"], "IR-SDE sampler.")
 flags.DEFINE_integer("num_steps", None, "Posterior steps (default T=100; fewer is faster).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
+# eval
+flags.DEFINE_string("data", None, "eval: test set root, <data>/<degradation>/{LQ,GT} or "
+                    "<data>/{LQ,GT}.")
+flags.DEFINE_integer("limit", None, "eval: at most this many pairs per set.", lower_bound=1)
+flags.DEFINE_integer("crop_border", 4, "eval: border dropped before PSNR/SSIM.", lower_bound=0)
+flags.DEFINE_string("lpips", None, "eval: LPIPS(alex) weights (see uir_jax/convert/lpips.py).")
+# convert
 flags.DEFINE_enum("kind", None, ["daclip", "clip", "denoiser", "lpips"],
                   "convert: the model in the checkpoint (default: told from its keys).")
 flags.DEFINE_integer("tile", 512, "Run the denoiser on tiles of at most this many pixels per side, "
@@ -64,6 +76,51 @@ def _hide_accelerators_from_tf():
     pass
 
 
+def _restorer():
+  """The Restorer the restore/eval flags describe."""
+  from uir_jax.restore import Restorer
+
+  if FLAGS.tile and FLAGS.tile_overlap >= FLAGS.tile:
+    raise app.UsageError(f"--tile_overlap ({FLAGS.tile_overlap}) must be smaller than --tile "
+                         f"({FLAGS.tile})")
+  return Restorer.from_checkpoints(FLAGS.daclip, FLAGS.unet, mode=FLAGS.mode,
+                                   num_steps=FLAGS.num_steps, tile=FLAGS.tile or None,
+                                   tile_overlap=FLAGS.tile_overlap, tile_batch=FLAGS.tile_batch)
+
+
+def _eval(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"eval takes no positional arguments, got {argv[1:]}")
+  if FLAGS.unet is None or FLAGS.data is None:
+    raise app.UsageError("eval needs --unet and --data")
+  import os
+
+  import jax
+
+  from uir_jax.data_layout import list_pairs
+  from uir_jax.evaluate import evaluate, format_table
+
+  missing = [p for p in [FLAGS.unet, FLAGS.daclip, FLAGS.lpips] if p and not os.path.isfile(p)]
+  if missing:
+    raise app.UsageError(f"file(s) not found: {', '.join(missing)}")
+  try:
+    pairs = list_pairs(FLAGS.data)
+  except (OSError, ValueError) as e:
+    raise app.UsageError(str(e)) from e
+  lpips = None
+  if FLAGS.lpips:
+    from uir_jax.convert.lpips import load_lpips
+
+    lpips = load_lpips(FLAGS.lpips)
+  report = evaluate(_restorer(), pairs, key=jax.random.key(FLAGS.seed),
+                    crop_border=FLAGS.crop_border, lpips=lpips, limit=FLAGS.limit,
+                    output_dir=FLAGS.output_dir)
+  print(format_table(report))
+  print(f"results: {os.path.join(FLAGS.output_dir, 'results.json')}")
+  if not report["per_image"]:
+    sys.exit("no image pair could be evaluated")
+
+
 def _restore(argv):
   paths = argv[1:]
   if FLAGS.unet is None or not paths:
@@ -75,18 +132,12 @@ def _restore(argv):
   import numpy as np
   from PIL import Image
 
-  from uir_jax.restore import Restorer, to_uint8
+  from uir_jax.restore import to_uint8
 
   missing = [p for p in [FLAGS.unet, FLAGS.daclip, *paths] if p and not os.path.isfile(p)]
   if missing:
     raise app.UsageError(f"file(s) not found: {', '.join(missing)}")
-  if FLAGS.tile and FLAGS.tile_overlap >= FLAGS.tile:
-    raise app.UsageError(f"--tile_overlap ({FLAGS.tile_overlap}) must be smaller than --tile "
-                         f"({FLAGS.tile})")
-  restorer = Restorer.from_checkpoints(FLAGS.daclip, FLAGS.unet, mode=FLAGS.mode,
-                                       num_steps=FLAGS.num_steps, tile=FLAGS.tile or None,
-                                       tile_overlap=FLAGS.tile_overlap,
-                                       tile_batch=FLAGS.tile_batch)
+  restorer = _restorer()
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   failed = 0
   for i, path in enumerate(paths):
@@ -121,7 +172,7 @@ def _convert(argv):
   print(f"{src} -> {dest} ({kind}, {os.path.getsize(dest) / 2**20:.1f} MiB)")
 
 
-COMMANDS = {"train": _train, "restore": _restore, "convert": _convert}
+COMMANDS = {"train": _train, "restore": _restore, "eval": _eval, "convert": _convert}
 
 
 def run(argv: list[str] | None = None) -> None:
