@@ -17,9 +17,9 @@ Training (`train=True`, an infinite stream; spec §7.1, §8.1):
   probability `gray_prob` (wild-IR) and LQ = `degradations.random_degrade(GT)`.
 Evaluation (`train=False`, finite): items in the source's eval order, centre crops, no flips, no
   gray; the last batch is padded (repeating items) and the "mask" key marks the real examples.
-Optional CLIP branch (`clip_lq=True`): "clip_lq" = LQ crop resized to 224 x 224 (bicubic with
-  antialiasing, Keys a = -0.5 like PIL), rounded to 8 bits and normalised with the OpenAI
-  mean / std (spec §3.4, §7.1 step 6).
+Optional CLIP branch (`clip_lq=True`): "clip_lq" = the reference's `clip_transform` of the LQ
+  crop (`clip_image`: 8 bits, Pillow-exact antialiased bicubic to 224 x 224, OpenAI mean / std;
+  spec §3.4, §7.1 step 6).
 
 Batches are numpy dicts: "lq", "gt" float32 [B, P, P, 3] in [0, 1]; "words" bool [B, 4] (what
 the on-the-fly degradation added, over `degradations.DEGRADATION_WORDS`; all False for paired
