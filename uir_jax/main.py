@@ -30,9 +30,11 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for summaries, checkpoints and images.")
 # restore
-flags.DEFINE_string("unet", None, "Denoiser checkpoint (.pth state_dict): an IR-SDE "
-                    "ConditionalUNet (universal-ir.pth, wild-ir.pth) or a ConditionalNAFNet.")
-flags.DEFINE_string("daclip", None, "DA-CLIP checkpoint (.pt); omit for unconditional models.")
+flags.DEFINE_string("unet", None, "Denoiser checkpoint (.pth state_dict, or its `uir-jax "
+                    "convert` .safetensors): an IR-SDE ConditionalUNet (universal-ir.pth, "
+                    "wild-ir.pth) or a ConditionalNAFNet.")
+flags.DEFINE_string("daclip", None, "DA-CLIP checkpoint (.pt or .safetensors); omit for "
+                    "unconditional models.")
 flags.DEFINE_string("output_dir", "restored", "Where restored PNGs are written.")
 flags.DEFINE_enum("mode", "posterior", ["posterior", "sde", "ode"], "IR-SDE sampler.")
 flags.DEFINE_integer("num_steps", None, "Posterior steps (default T=100; fewer is faster).")
@@ -46,6 +48,7 @@ flags.DEFINE_string("lpips", None, "eval: LPIPS(alex) weights (see uir_jax/conve
 # convert
 flags.DEFINE_enum("kind", None, ["daclip", "clip", "denoiser", "lpips"],
                   "convert: the model in the checkpoint (default: told from its keys).")
+# restore and eval
 flags.DEFINE_integer("tile", 512, "Run the denoiser on tiles of at most this many pixels per side, "
                      "blended over --tile_overlap pixels at every step: bounded memory for any "
                      "image size; smaller images are unaffected. 0: whole images.", lower_bound=0)
