@@ -67,6 +67,7 @@ def test_convert_then_restore_without_torch(tmp_path):
   out_dir = tmp_path / "out"
   proc = subprocess.run(
       [sys.executable, "-c", no_torch, "restore", f"--unet={st}", f"--output_dir={out_dir}",
-       "--num_steps=2", str(photo)], capture_output=True, text=True, env=env, timeout=600)
+       "--num_steps=2", "--pad_multiple=16", str(photo)], capture_output=True, text=True, env=env,
+      timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert Image.open(out_dir / "p.png").size == (24, 20)

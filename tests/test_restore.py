@@ -190,3 +190,25 @@ def test_tiling_bounds_the_denoiser_memory():
   whole = temp_bytes(eps_fn)
   tiled = temp_bytes(restore.tiled_eps_fn(eps_fn, 64, 16))
   assert tiled < whole / 4, (tiled, whole)
+
+
+def test_pad_multiple_shares_compilations_across_sizes():
+  from uir_jax.sde import _sample_loop
+
+  unet = _tiny_unet(use_degra_context=False, use_image_context=False, context_dim=0)
+  restorer = restore.Restorer(unet, None, IRSDE(), num_steps=2, pad_multiple=16)
+  key = jax.random.key(0)
+  outs = []
+  for i, (h, w) in enumerate([(20, 30), (25, 28), (17, 32)]):  # all pad to 32 x 32
+    lq = jax.random.uniform(jax.random.fold_in(key, i), (1, h, w, 3))
+    outs.append(restorer(lq, key))
+    if i == 0:
+      compiled = _sample_loop._cache_size()
+  assert _sample_loop._cache_size() == compiled  # no new compilation for the other two sizes
+  assert [o.shape[1:3] for o in outs] == [(20, 30), (25, 28), (17, 32)]
+  # Already a multiple: the exact-size program and result.
+  lq = jax.random.uniform(key, (1, 32, 16, 3))
+  np.testing.assert_array_equal(
+      restorer(lq, key), restore.Restorer(unet, None, IRSDE(), num_steps=2)(lq, key))
+  with pytest.raises(ValueError, match="pad_multiple"):
+    restore.Restorer(unet, None, IRSDE(), pad_multiple=0)

@@ -53,6 +53,9 @@ flags.DEFINE_integer("tile", 512, "Run the denoiser on tiles of at most this man
                      "blended over --tile_overlap pixels at every step: bounded memory for any "
                      "image size; smaller images are unaffected. 0: whole images.", lower_bound=0)
 flags.DEFINE_integer("tile_overlap", 64, "Pixels shared by neighbouring tiles.", lower_bound=0)
+flags.DEFINE_integer("pad_multiple", 1, "Reflect-pad each photo to a multiple of this (e.g. 64) "
+                     "and crop back: photos of many sizes then share compiled samplers instead of "
+                     "compiling once per size; 1: exact sizes.", lower_bound=1)
 flags.DEFINE_integer("tile_batch", 1, "Tiles per denoiser call (faster on an accelerator, more "
                      "memory).", lower_bound=1)
 
@@ -88,7 +91,8 @@ def _restorer():
                          f"({FLAGS.tile})")
   return Restorer.from_checkpoints(FLAGS.daclip, FLAGS.unet, mode=FLAGS.mode,
                                    num_steps=FLAGS.num_steps, tile=FLAGS.tile or None,
-                                   tile_overlap=FLAGS.tile_overlap, tile_batch=FLAGS.tile_batch)
+                                   tile_overlap=FLAGS.tile_overlap, tile_batch=FLAGS.tile_batch,
+                                   pad_multiple=FLAGS.pad_multiple)
 
 
 def _eval(argv):

@@ -177,11 +177,16 @@ class Restorer:
       bounded memory for any image size; images that fit in one tile are unaffected.
     tile_overlap: pixels shared by neighbouring tiles (blended with linear ramps).
     tile_batch: tiles per denoiser call (more = faster on an accelerator, more memory).
+    pad_multiple: if > 1, images are reflect-padded on the right/bottom to a multiple of this
+      before sampling and cropped back after (the U-Net itself pads to a multiple of 8 this way),
+      so photos of many sizes share a few compiled samplers instead of one compilation each;
+      pixels near the right/bottom border then differ slightly from an exact-size run.
   """
 
   def __init__(self, unet: nnx.Module, daclip: nnx.Module | None = None, sde: IRSDE | None = None,
                mode: str = "posterior", num_steps: int | None = None, *,
-               tile: int | None = None, tile_overlap: int = 32, tile_batch: int = 1):
+               tile: int | None = None, tile_overlap: int = 32, tile_batch: int = 1,
+               pad_multiple: int = 1):
     self.unet = unet
     self.daclip = daclip
     self.sde = sde or IRSDE()
@@ -189,6 +194,9 @@ class Restorer:
     self.num_steps = num_steps
     self.sde.timesteps(num_steps)  # validates num_steps early
     self.tile, self.tile_overlap, self.tile_batch = tile, tile_overlap, tile_batch
+    if pad_multiple < 1:
+      raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
+    self.pad_multiple = pad_multiple
     if tile is not None:
       tile_starts(tile + 1, tile, tile_overlap)  # validates early, with the flag names
       if tile_batch < 1:
@@ -219,13 +227,18 @@ class Restorer:
     images = jnp.asarray(images, jnp.float32)
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"expected RGB images [B, H, W, 3], got shape {images.shape}")
-    text_context, image_context = self.conditioning(images)
+    text_context, image_context = self.conditioning(images)  # of the photo as given
     eps_fn, eps_args = make_eps_fn(self.unet, text_context=text_context,
                                    image_context=image_context)
     if self.tile is not None:
       eps_fn = tiled_eps_fn(eps_fn, self.tile, self.tile_overlap, self.tile_batch)
+    h, w = images.shape[1:3]
+    m = self.pad_multiple
+    ph, pw = -h % m, -w % m
+    if ph or pw:  # numpy-style reflection, repeated if a pad exceeds the image
+      images = jnp.pad(images, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="reflect")
     out = self.sde.sample(eps_fn, images, key, self.mode, self.num_steps, eps_args=eps_args)
-    return jnp.clip(out, 0.0, 1.0)
+    return jnp.clip(out[:, :h, :w], 0.0, 1.0)
 
 
 def to_uint8(images: Array | np.ndarray) -> np.ndarray:
