@@ -189,8 +189,8 @@ def _direct_correlate(image, kernel):
 
 
 # Supports up to this size are correlated directly (depthwise conv), larger ones through the FFT:
-# on one core at 256 x 256 the direct form costs 0.55 ms (5 x 5) and 0.79 ms (7 x 7), 1.13 ms at
-# 9 x 9, against ~1.2 ms for the FFT at any size (benchmarks/RESULTS.md).
+# on one core at 256 x 256 (padding included) the direct form costs 0.40 ms at 5 x 5, and about
+# as much as the FFT (~1.1 ms at any size) by 9 x 9 (benchmarks/RESULTS.md).
 DIRECT_MAX_SUPPORT = 7
 
 

@@ -36,10 +36,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from uir_jax.data_layout import IMAGE_EXTENSIONS, list_images  # noqa: F401 (re-exported)
-
-# File name endings the listing step treats as images (compared lower-case). TF sniffs the real
+# File listing is shared with the TF-free evaluation (uir_jax.data_layout). TF sniffs the real
 # format from the bytes, so a JPEG saved as .png still decodes.
+from uir_jax.data_layout import IMAGE_EXTENSIONS, list_images  # noqa: F401 (re-exported)
 
 _PNG_MAGIC = b"\x89PNG"
 # Keys every summary carries, in the order they are logged.

@@ -12,7 +12,8 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 
 from uir_jax import data_layout
-from uir_jax.evaluate import evaluate, format_table, read_rgb
+from uir_jax.evaluate import evaluate, format_table
+from uir_jax.restore import read_rgb
 
 
 def _write_set(root, name, sizes, seed):

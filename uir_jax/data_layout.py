@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
+# File name endings treated as images (compared lower-case).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
 
 # The ten degradation names of the universal (DA-CLIP) set, in the reference's order (spec §3.2).

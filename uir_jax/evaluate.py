@@ -24,33 +24,25 @@ import numpy as np
 from PIL import Image
 
 from uir_jax.metrics.image import psnr, ssim
+from uir_jax.restore import read_rgb, to_uint8
 
 METRICS = ("psnr", "ssim", "psnr_y", "ssim_y")
-
-
-def read_rgb(path: str) -> np.ndarray:
-  """An image file as float32 RGB [H, W, 3] in [0, 1] (gray, palette, RGBA and 16-bit converted)."""
-  with Image.open(path) as img:
-    if img.mode.startswith("I"):  # 16-bit gray ("I;16*", or "I" holding 16-bit values)
-      arr = np.asarray(img, np.float32)
-      scale = 255.0 if img.mode == "I" and arr.max() <= 255 else 65535.0
-      return np.repeat(np.clip(arr / scale, 0, 1)[..., None], 3, axis=-1)
-    return np.asarray(img.convert("RGB"), np.float32) / 255.0
 
 
 def score(restored: np.ndarray, gt: np.ndarray, *, crop_border: int = 4,
           lpips: Callable | None = None) -> dict[str, float]:
   """The reference test metrics of one restored image [H, W, 3] against its GT, both in [0, 1]."""
   border = crop_border if 2 * crop_border < min(gt.shape[:2]) - 11 else 0
+  # 8-bit images, as the reference's test scores them; quantised once for every metric.
+  x, y = (to_uint8(a)[None].astype(np.float32) / 255.0 for a in (restored, gt))
   out = {
-      "psnr": float(psnr(restored, gt, crop_border=border, quantize=True)[0]),
-      "ssim": float(ssim(restored, gt, crop_border=border, quantize=True)[0]),
-      "psnr_y": float(psnr(restored, gt, crop_border=border, quantize=True, y_channel=True)[0]),
-      "ssim_y": float(ssim(restored, gt, crop_border=border, quantize=True, y_channel=True)[0]),
+      "psnr": float(psnr(x, y, crop_border=border)[0]),
+      "ssim": float(ssim(x, y, crop_border=border)[0]),
+      "psnr_y": float(psnr(x, y, crop_border=border, y_channel=True)[0]),
+      "ssim_y": float(ssim(x, y, crop_border=border, y_channel=True)[0]),
   }
   if lpips is not None:
-    q = lambda a: np.round(np.clip(a, 0, 1) * 255.0)[None].astype(np.float32) / 255.0
-    out["lpips"] = float(np.asarray(lpips(q(restored), q(gt)))[0])
+    out["lpips"] = float(np.asarray(lpips(x, y))[0])
   return out
 
 
@@ -97,7 +89,7 @@ def evaluate(restorer: Callable[[np.ndarray, jax.Array], Any], pairs: Mapping[st
         dest = os.path.join(output_dir, name, os.path.splitext(os.path.basename(lq_path))[0]
                             + ".png")
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        Image.fromarray(np.round(np.clip(restored, 0, 1) * 255).astype(np.uint8)).save(dest)
+        Image.fromarray(to_uint8(restored)).save(dest)
       log(f"[{name}] {os.path.basename(lq_path)}: PSNR {row['psnr']:.2f} dB (input "
           f"{row['psnr_input']:.2f}), SSIM {row['ssim']:.4f}, {seconds:.1f}s")
   names = list(dict.fromkeys(r["set"] for r in per_image))

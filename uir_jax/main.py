@@ -136,10 +136,9 @@ def _restore(argv):
   import time
 
   import jax
-  import numpy as np
   from PIL import Image
 
-  from uir_jax.restore import to_uint8
+  from uir_jax.restore import read_rgb, to_uint8
 
   missing = [p for p in [FLAGS.unet, FLAGS.daclip, *paths] if p and not os.path.isfile(p)]
   if missing:
@@ -149,7 +148,7 @@ def _restore(argv):
   failed = 0
   for i, path in enumerate(paths):
     try:
-      image = np.asarray(Image.open(path).convert("RGB"), np.float32) / 255.0
+      image = read_rgb(path)
     except Exception as e:  # one unreadable file must not stop the batch
       logging.error("skipping %s: %s", path, e)
       failed += 1

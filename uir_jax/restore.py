@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from PIL import Image
 
 from uir_jax.sde import IRSDE
 
@@ -82,6 +83,12 @@ def _tile_window(length: int, overlap: int, at_start: bool, at_end: bool) -> np.
   return w
 
 
+def _check_tiling(tile: int, overlap: int, tile_batch: int) -> None:
+  tile_starts(tile + 1, tile, overlap)  # validates tile and overlap
+  if tile_batch < 1:
+    raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
+
+
 @functools.cache
 def tiled_eps_fn(eps_fn: Callable[..., Array], tile: int, overlap: int = 32,
                  tile_batch: int = 1) -> Callable[..., Array]:
@@ -97,9 +104,7 @@ def tiled_eps_fn(eps_fn: Callable[..., Array], tile: int, overlap: int = 32,
 
   Cached per (eps_fn, tile, overlap, tile_batch): one function object, one compilation per shape.
   """
-  tile_starts(tile + 1, tile, overlap)  # validates tile and overlap
-  if tile_batch < 1:
-    raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
+  _check_tiling(tile, overlap, tile_batch)
 
   def tiled(x, mu, t, *eps_args):
     _, h, w, _ = x.shape
@@ -198,9 +203,7 @@ class Restorer:
       raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
     self.pad_multiple = pad_multiple
     if tile is not None:
-      tile_starts(tile + 1, tile, tile_overlap)  # validates early, with the flag names
-      if tile_batch < 1:
-        raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
+      _check_tiling(tile, tile_overlap, tile_batch)  # early, before any sampling
 
   @classmethod
   def from_checkpoints(cls, daclip_path: str | None, unet_path: str, **kwargs) -> Restorer:
@@ -244,3 +247,13 @@ class Restorer:
 def to_uint8(images: Array | np.ndarray) -> np.ndarray:
   """[0, 1] floats -> uint8 with clamp and round (the reference's `tensor2img`)."""
   return np.asarray(jnp.round(jnp.clip(jnp.asarray(images), 0.0, 1.0) * 255.0)).astype(np.uint8)
+
+
+def read_rgb(path: str) -> np.ndarray:
+  """An image file as float32 RGB [H, W, 3] in [0, 1] (gray, palette, RGBA and 16-bit converted)."""
+  with Image.open(path) as img:
+    if img.mode.startswith("I"):  # 16-bit gray ("I;16*", or "I" holding 16-bit values)
+      arr = np.asarray(img, np.float32)
+      scale = 255.0 if img.mode == "I" and arr.max() <= 255 else 65535.0
+      return np.repeat(np.clip(arr / scale, 0, 1)[..., None], 3, axis=-1)
+    return np.asarray(img.convert("RGB"), np.float32) / 255.0
