@@ -30,7 +30,7 @@ from flax import nnx
 
 from uir_jax import losses
 from uir_jax.models.unet import ConditionalUNet
-from uir_jax.restore import make_eps_fn, tiled_eps_fn
+from uir_jax.sampling import make_eps_fn, tiled_eps_fn
 from uir_jax.sde import IRSDE
 
 

@@ -13,7 +13,7 @@ from skimage.metrics import structural_similarity
 
 from uir_jax import data_layout
 from uir_jax.evaluate import evaluate, format_table
-from uir_jax.restore import read_rgb
+from uir_jax.photos import read_rgb
 
 
 def _write_set(root, name, sizes, seed):

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from uir_jax.metrics.image import psnr, ssim
-from uir_jax.restore import read_rgb, to_uint8
+from uir_jax.photos import read_rgb, to_uint8
 
 METRICS = ("psnr", "ssim", "psnr_y", "ssim_y")
 

@@ -138,7 +138,7 @@ def _restore(argv):
   import jax
   from PIL import Image
 
-  from uir_jax.restore import read_rgb, to_uint8
+  from uir_jax.photos import read_rgb, to_uint8
 
   missing = [p for p in [FLAGS.unet, FLAGS.daclip, *paths] if p and not os.path.isfile(p)]
   if missing:

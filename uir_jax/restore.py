@@ -4,13 +4,18 @@
     out = restorer(lq_images, jax.random.key(0))          # [B, H, W, 3] floats in [0, 1]
     big = Restorer.from_checkpoints(..., tile=512, tile_overlap=64)   # bounded memory, any size
 
-Design: modules are split once (`nnx.split`) and the pure functions below are jitted over
-(graphdef, state); the sampler's denoiser is one cached function object per graphdef, so repeated
-calls with the same image shape never recompile, and the weights travel as arguments instead of
-being baked into the program as constants.
+Design: modules are split once (`nnx.split`) and the pure functions are jitted over
+(graphdef, state); the sampler's denoiser is one cached function object per graphdef
+(`sampling.denoiser_eps_fn`), so repeated calls with the same image shape never recompile, and the
+weights travel as arguments instead of being baked into the program as constants.
 
-Large images: `tiled_eps_fn` evaluates the denoiser on overlapping tiles at every sampler step and
-blends them (see its docstring); the sampler, its noise and the DA-CLIP conditioning stay global.
+Large images: `sampling.tiled_eps_fn` evaluates the denoiser on overlapping tiles at every sampler
+step and blends them; the sampler, its noise and the DA-CLIP conditioning stay global.
+
+This is the top of the inference stack: the pieces below it (`sampling`: eps adapters and tiling;
+`photos`: reading and writing photos; `convert.denoiser`: loading a denoiser of either
+architecture) are separate modules that trainers, converters and evaluation import directly. They
+are re-exported here for the users of the pipeline.
 """
 
 from __future__ import annotations
@@ -23,125 +28,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image
 
+from uir_jax.convert.denoiser import load_denoiser
+from uir_jax.photos import read_rgb, to_uint8
+from uir_jax.sampling import (
+    _check_tiling,
+    denoiser_eps_fn,
+    make_eps_fn,
+    tile_starts,
+    tiled_eps_fn,
+)
 from uir_jax.sde import IRSDE
 
+__all__ = ["Restorer", "daclip_embeddings", "denoiser_eps_fn", "load_denoiser", "make_eps_fn",
+           "read_rgb", "tile_starts", "tiled_eps_fn", "to_uint8"]
+
 Array = jax.Array
-
-
-@functools.cache
-def denoiser_eps_fn(graphdef: Any) -> Callable[..., Array]:
-  """An `eps_fn(x, mu, t, state, text_context, image_context)` for `IRSDE.sample`.
-
-  One function object per model graph (cached), so `IRSDE.sample` compiles once per shape.
-  `text_context` is DA-CLIP's degradation embedding and `image_context` its content embedding
-  (either may be None, matching the model's `use_degra_context` / `use_image_context`).
-  `state` is an `nnx.State` or a tuple of states (e.g. (params, rest) from `nnx.split`).
-  """
-
-  def eps_fn(x, mu, t, state, text_context, image_context):
-    states = state if isinstance(state, tuple) else (state,)
-    model = nnx.merge(graphdef, *states)
-    return model(x, mu, t, text_context=text_context, image_context=image_context)
-
-  return eps_fn
-
-
-def make_eps_fn(model: nnx.Module, *, text_context: Array | None = None,
-                image_context: Array | None = None) -> tuple[Callable[..., Array], tuple]:
-  """(eps_fn, eps_args) ready for `IRSDE.sample(eps_fn, mu, key, eps_args=eps_args)`."""
-  graphdef, state = nnx.split(model)
-  return denoiser_eps_fn(graphdef), (state, text_context, image_context)
-
-
-def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-  """Start offsets of tiles of length `tile` covering [0, size), `overlap` apart at least.
-
-  Stride tile - overlap; the last tile is moved back to end at the border (so it may overlap its
-  neighbour by more). size <= tile gives one tile at 0 (the caller shrinks it to the image).
-  """
-  if tile < 1 or not 0 <= overlap < tile:
-    raise ValueError(f"need tile >= 1 and 0 <= tile_overlap < tile, got tile={tile}, "
-                     f"tile_overlap={overlap}")
-  if size <= tile:
-    return [0]
-  starts = list(range(0, size - tile, tile - overlap))
-  return starts + [size - tile]
-
-
-def _tile_window(length: int, overlap: int, at_start: bool, at_end: bool) -> np.ndarray:
-  """1-D blending weights of one tile: a linear ramp (0, 1] across `overlap` pixels on each side
-  that meets another tile, 1 on sides at the image border and in the middle."""
-  w = np.ones(length, np.float32)
-  if overlap > 0:
-    ramp = (np.arange(length, dtype=np.float32) + 0.5) / overlap
-    if not at_start:
-      w = np.minimum(w, ramp)
-    if not at_end:
-      w = np.minimum(w, ramp[::-1])
-  return w
-
-
-def _check_tiling(tile: int, overlap: int, tile_batch: int) -> None:
-  tile_starts(tile + 1, tile, overlap)  # validates tile and overlap
-  if tile_batch < 1:
-    raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
-
-
-@functools.cache
-def tiled_eps_fn(eps_fn: Callable[..., Array], tile: int, overlap: int = 32,
-                 tile_batch: int = 1) -> Callable[..., Array]:
-  """`eps_fn` evaluated on overlapping tiles of at most tile x tile pixels and blended.
-
-  Same signature as `eps_fn` (`(x, mu, t, *eps_args)`, NHWC), so it drops into `IRSDE.sample`.
-  Each tile sees its own crop of x and mu with the same t and the same (global) conditioning;
-  outputs are averaged with weights that ramp linearly over the overlap, so every pixel is a convex
-  combination of the tiles covering it and tile borders leave no seams (the sampler re-mixes the
-  tiles at every step). Tiles run one after another (`jax.lax.map`, `tile_batch` at a time), so
-  peak memory is that of a tile_batch x tile x tile forward pass whatever the image size. Images
-  that fit in one tile call `eps_fn` directly: identical results to the untiled path.
-
-  Cached per (eps_fn, tile, overlap, tile_batch): one function object, one compilation per shape.
-  """
-  _check_tiling(tile, overlap, tile_batch)
-
-  def tiled(x, mu, t, *eps_args):
-    _, h, w, _ = x.shape
-    if h <= tile and w <= tile:
-      return eps_fn(x, mu, t, *eps_args)
-    th, tw = min(tile, h), min(tile, w)
-    ys, xs = tile_starts(h, th, overlap), tile_starts(w, tw, overlap)
-    boxes = [(y, x0) for y in ys for x0 in xs]
-    crop = lambda a: jnp.stack([a[:, y:y + th, x0:x0 + tw] for y, x0 in boxes])
-    outs = jax.lax.map(lambda xm: eps_fn(xm[0], xm[1], t, *eps_args), (crop(x), crop(mu)),
-                       batch_size=tile_batch)  # [N, B, th, tw, C]
-    total = jnp.zeros(outs.shape[1:2] + (h, w) + outs.shape[-1:], outs.dtype)
-    weight = np.zeros((h, w), np.float32)
-    for n, (y, x0) in enumerate(boxes):
-      win = np.outer(_tile_window(th, overlap, y == 0, y + th == h),
-                     _tile_window(tw, overlap, x0 == 0, x0 + tw == w))
-      weight[y:y + th, x0:x0 + tw] += win
-      total = total.at[:, y:y + th, x0:x0 + tw].add(outs[n] * win[None, :, :, None])
-    return total / jnp.asarray(weight)[None, :, :, None]
-
-  return tiled
-
-
-def load_denoiser(path_or_state_dict: Any) -> nnx.Module:
-  """A ConditionalUNet or ConditionalNAFNet from a PyTorch state_dict (file or mapping)."""
-  from uir_jax.convert import nafnet, unet
-  from uir_jax.convert.common import ConversionError, read_state_dict
-
-  sd = read_state_dict(path_or_state_dict)
-  keys = set(nafnet.unwrap_state_dict(sd))
-  if "intro.weight" in keys:
-    if "time_mlp.1.weight" not in keys:
-      raise ConversionError("this NAFNet checkpoint has no time embedding: it is a direct "
-                            "regression model, not an IR-SDE denoiser (use load_nafnet and call "
-                            "it on the degraded image)")
-    return nafnet.load_nafnet(sd)
-  return unet.load_unet(sd)
 
 
 @functools.cache
@@ -242,18 +144,3 @@ class Restorer:
       images = jnp.pad(images, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="reflect")
     out = self.sde.sample(eps_fn, images, key, self.mode, self.num_steps, eps_args=eps_args)
     return jnp.clip(out[:, :h, :w], 0.0, 1.0)
-
-
-def to_uint8(images: Array | np.ndarray) -> np.ndarray:
-  """[0, 1] floats -> uint8 with clamp and round (the reference's `tensor2img`)."""
-  return np.asarray(jnp.round(jnp.clip(jnp.asarray(images), 0.0, 1.0) * 255.0)).astype(np.uint8)
-
-
-def read_rgb(path: str) -> np.ndarray:
-  """An image file as float32 RGB [H, W, 3] in [0, 1] (gray, palette, RGBA and 16-bit converted)."""
-  with Image.open(path) as img:
-    if img.mode.startswith("I"):  # 16-bit gray ("I;16*", or "I" holding 16-bit values)
-      arr = np.asarray(img, np.float32)
-      scale = 255.0 if img.mode == "I" and arr.max() <= 255 else 65535.0
-      return np.repeat(np.clip(arr / scale, 0, 1)[..., None], 3, axis=-1)
-    return np.asarray(img.convert("RGB"), np.float32) / 255.0

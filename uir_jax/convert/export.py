@@ -28,7 +28,7 @@ KINDS = ("daclip", "clip", "denoiser", "lpips")
 def _loaders() -> dict[str, tuple[Callable[[Mapping], dict], Callable[[Mapping], Any]]]:
   """kind -> (unwrap: file contents -> network state_dict, load: state_dict -> model)."""
   from uir_jax.convert import clip, lpips, nafnet, unet
-  from uir_jax.restore import load_denoiser
+  from uir_jax.convert.denoiser import load_denoiser
 
   def unwrap_denoiser(ckpt):
     sd = nafnet.unwrap_state_dict(ckpt)

@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from uir_jax import losses
 from uir_jax.checkpoint import Checkpointer, abstract_like
 from uir_jax.metrics.image import psnr, ssim
-from uir_jax.restore import denoiser_eps_fn
+from uir_jax.sampling import denoiser_eps_fn
 from uir_jax.sde import IRSDE
 
 
