@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from input_pipeline import degradations, image_io, readers
+from input_pipeline import degradations, image_io, readers, registry
 
 # TF must not claim accelerator memory that JAX needs.
 try:
@@ -170,12 +170,16 @@ class PipelineOptions:
   use_flip: bool = True
   use_rot: bool = True
   clip_lq: bool = False
-  degrade_probs: Mapping[str, float] | None = None  # Overrides of random_degrade's defaults.
+  degrade_probs: Mapping[str, float] | None = None  # Overrides of the chain's parameters.
+  # The on-the-fly degradation chain: a name or a pipeline spec of `input_pipeline.registry`.
+  chain: Any = "wild"
 
 
 def _example_fn(source: readers.Source, opts: PipelineOptions, seed: int, train: bool):
   """Graph fn: (global index, item) -> example dict."""
   p = opts.patch_size
+  chain = (registry.get_pipeline(opts.chain, **dict(opts.degrade_probs or {}))
+           if not source.paired else None)
 
   def fn(gidx, item):
     s = example_seed(seed, gidx)
@@ -196,8 +200,7 @@ def _example_fn(source: readers.Source, opts: PipelineOptions, seed: int, train:
       if train and opts.gray_prob > 0:
         gray = tf.random.stateless_uniform([], _sub(s, _GRAY)) < opts.gray_prob
         gt = tf.cond(gray, lambda: to_gray3(gt), lambda: gt)
-      lq, words = degradations.random_degrade(gt, _sub(s, _DEGRADE),
-                                              **dict(opts.degrade_probs or {}))
+      lq, words = chain(gt, _sub(s, _DEGRADE))
       lq = tf.ensure_shape(tf.cast(lq, tf.float32), [p, p, 3])
       degradation = degradations.degradation_text(words)
     out = {"lq": lq, "gt": gt, "words": tf.ensure_shape(words, [4]), "label": ex["label"],
@@ -282,7 +285,8 @@ def options_from_config(cfg) -> PipelineOptions:
   return PipelineOptions(
       patch_size=int(get("patch_size", 256)), gray_prob=float(get("gray_prob", 0.0) or 0.0),
       use_flip=bool(get("use_flip", True)), use_rot=bool(get("use_rot", True)),
-      clip_lq=bool(get("clip_lq", False)), degrade_probs=dict(probs) if probs else None)
+      clip_lq=bool(get("clip_lq", False)), degrade_probs=dict(probs) if probs else None,
+      chain=registry.plain_spec(get("chain", "wild")))
 
 
 def from_config(cfg: Any, *, batch_size: int, seed: int, train: bool, start_step: int = 0,
@@ -292,7 +296,8 @@ def from_config(cfg: Any, *, batch_size: int, seed: int, train: bool, start_step
   Args:
     cfg: `source` ("quickstart" | "folder" | "universal" | "csv"), `patch_size`, `gray_prob`,
       `root` / `csv_path` when needed, and optional `use_flip`, `use_rot`, `clip_lq`,
-      `degrade_probs`, `validate`, `split`, `val_split`, `val_root`, `val_csv_path`,
+      `chain` (a registry name or spec, default "wild"), `degrade_probs` (its parameters),
+      `validate`, `split`, `val_split`, `val_root`, `val_csv_path`,
       `match_names` (see readers.source_from_config).
     batch_size: this host's batch size.
     seed: run seed; the same seed gives the same batches.

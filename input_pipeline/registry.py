@@ -56,7 +56,7 @@ def register(name: str, *, replace: bool = False):
     if name in _REGISTRY and not replace:
       raise ValueError(f"degradation op {name!r} is already registered (pass replace=True)")
     if not callable(fn):
-      fn = _plain(fn)
+      fn = plain_spec(fn)
       if not isinstance(fn, (list, dict)):
         raise ValueError(f"register({name!r}) needs a callable op or a pipeline spec, got {fn!r}")
     _REGISTRY[name] = fn
@@ -81,16 +81,16 @@ def _lookup(name):
   return op
 
 
-def _plain(spec):
+def plain_spec(spec):
   """ml_collections ConfigDicts (and other `to_dict` objects) -> plain dicts; tuples -> lists."""
   if hasattr(spec, "to_dict") and not isinstance(spec, Mapping):
     spec = spec.to_dict()
   if isinstance(spec, Mapping):
-    return {k: _plain(v) for k, v in spec.items()}
+    return {k: plain_spec(v) for k, v in spec.items()}
   if isinstance(spec, tuple):
-    return [_plain(v) for v in spec]
+    return [plain_spec(v) for v in spec]
   if isinstance(spec, list):
-    return [_plain(v) for v in spec]
+    return [plain_spec(v) for v in spec]
   return spec
 
 
@@ -186,7 +186,7 @@ def _bind(op, params, resources, where):
 
 def _build_step(spec, resources, gates_used, where):
   """One step spec -> a `degradations` step fn(image, words, seed, ctx) -> (image, words)."""
-  spec = _plain(spec)
+  spec = plain_spec(spec)
   if isinstance(spec, list):
     return deg.chain([_build_step(s, resources, gates_used, f"{where}[{i}]")
                       for i, s in enumerate(spec)])
@@ -236,7 +236,7 @@ def build_pipeline(spec, **resources) -> Callable:
   Everything is checked here, before any tracing: op names, parameter names, gate names,
   probabilities. resources (psf_bank=, udc_bank=) go to the ops that take them.
   """
-  spec = _plain(spec)
+  spec = plain_spec(spec)
   if isinstance(spec, list):
     spec = {"steps": spec}
   if not isinstance(spec, dict):

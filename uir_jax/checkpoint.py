@@ -57,6 +57,10 @@ class Checkpointer:
       logging.info("checkpoint: saving step %d to %s", step, self.directory)
     return saved
 
+  def should_save(self, step: int) -> bool:
+    """Whether `maybe_save(step, ...)` would save (interval, last step, preemption)."""
+    return self._manager.should_save(step)
+
   def reached_preemption(self, step: int) -> bool:
     """True once a preemption notice arrived (all hosts agree); save, `wait()`, then exit."""
     return self._manager.reached_preemption(step)

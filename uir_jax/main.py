@@ -65,11 +65,27 @@ def _train(argv):
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError("train needs --config and --workdir")
   _hide_accelerators_from_tf()
-  from uir_jax.train import restoration
+  _log_to_files(FLAGS.workdir)
+  from uir_jax.train import loop
 
-  metrics = restoration.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  logging.info("final metrics: %s", metrics)
-  print({k: round(v, 3) for k, v in metrics.items()})
+  result = loop.train_main(FLAGS.config, FLAGS.workdir)
+  logging.info("result: %s", result)
+  loop.dump_result(result)
+  if result.get("preempted"):
+    sys.exit(143)  # stopped early (SIGTERM / preemption): not finished, resumable
+
+
+def _log_to_files(workdir: str) -> None:
+  """Library chatter (absl INFO from orbax, clu, JAX) goes to `<workdir>/logs/`; the console keeps
+  our progress lines and warnings."""
+  import os
+
+  log_dir = os.path.join(workdir, "logs")
+  os.makedirs(log_dir, exist_ok=True)
+  logging.get_absl_handler().use_absl_log_file("uir-jax", log_dir)
+  FLAGS.alsologtostderr = False
+  FLAGS.logtostderr = False
+  FLAGS.stderrthreshold = "warning"
 
 
 def _hide_accelerators_from_tf():
@@ -183,6 +199,11 @@ COMMANDS = {"train": _train, "restore": _restore, "eval": _eval, "convert": _con
 
 def run(argv: list[str] | None = None) -> None:
   """Console entry point: `uir-jax <command> [flags]`."""
+  import os
+
+  # TensorFlow's C++ start-up notices (oneDNN, CPU features, libpng) are not for people; its
+  # errors still show.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] not in COMMANDS:
     print(__doc__.strip(), file=sys.stderr)

@@ -1,0 +1,158 @@
+"""Pieces every experiment config shares. Each experiment file calls `base(...)` and sets what
+differs; every field a user may override (`--config.a.b=v`) is declared here or there, and the
+code reads no undeclared field.
+
+Top-level fields (see `base`):
+  trainer            which stage trains: "irsde" | "nafnet" (`uir_jax.train.TRAINERS`)
+  seed               one seed for the model init, the data stream and every step's randomness
+  total_steps        optimizer steps of the whole run (the cosine schedule ends there)
+  batch_size         the global batch (split over all devices and hosts)
+  dtype              compute dtype, "float32" | "bfloat16" (parameters stay float32)
+  mesh               (data, fsdp) device mesh sizes, one may be -1 (= the rest): (-1, 1) is pure
+                     data parallelism, (-1, 8) shards parameters over groups of 8 devices
+  fsdp_min_size      parameters (and their optimizer state / EMA) of at least this many elements
+                     are sharded along `fsdp`; smaller ones are replicated
+  strategy           "jit" (one program over the mesh; any mesh) | "pmap" (pure data parallel)
+  init_from          "" or a weights file (PyTorch .pth or its .safetensors): parameters only,
+                     used when the workdir has no checkpoint yet
+  ema_decay          EMA of the parameters (the evaluated weights)
+  loss               the stage's loss ("l1" | "l2" for irsde, "l1" | "psnr" for nafnet)
+  log_every, eval_every, checkpoint_every, keep_checkpoints, eval_batch
+  distributed        coordinator_address / num_processes / process_id / local_device_ids: set to
+                     start several processes by hand; empty = read a TPU pod / SLURM environment
+  data               the input pipeline (`data_config`)
+  optimizer          AdamW + warmup + cosine (`optimizer_config`)
+  daclip.checkpoint  "" (unconditioned), a DA-CLIP file (.pt / .safetensors), or "random:tiny"
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# The ten degradation folders of the universal set (spec §3.2), in the reference's order.
+UNIVERSAL_TASKS = ("motion-blurry", "hazy", "jpeg-compressed", "low-light", "noisy",
+                   "raindrop", "rainy", "shadowed", "snowy", "uncompleted")
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """"tiny" or "tiny=True,foo=3" -> ConfigDict of the declared variant options (unknown: error)."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown variant {key!r} (expected one of {sorted(defaults)})")
+    kind = type(defaults[key])
+    out[key] = (value.lower() in ("", "1", "true", "yes")) if kind is bool else kind(value)
+  return out
+
+
+def data_config(source: str, **overrides) -> ml_collections.ConfigDict:
+  """Every field `input_pipeline.pipelines.from_config` / `readers.source_from_config` read."""
+  d = ml_collections.ConfigDict()
+  d.source = source  # quickstart | folder | universal | csv
+  d.root = ""  # folder / universal: the data root
+  d.csv_path = ""  # csv: DA-CLIP's captions file
+  d.split = "train"  # universal: the training split folder
+  d.val_split = "val"
+  d.val_root = ""  # folder: held-out clean images ("" = the training folder's eval order)
+  d.val_csv_path = ""
+  d.match_names = True  # universal: pair LQ and GT by file name
+  d.validate = True  # scan every file once before training; skip and count bad ones
+  d.memory_budget = 256 << 20  # bytes of decoded images a source may cache
+  d.patch_size = 256
+  d.gray_prob = 0.0  # unpaired sources: probability of a grayscale GT (wild-IR: 0.1)
+  d.use_flip = True
+  d.use_rot = True
+  d.clip_lq = False  # add the 224² CLIP view of the LQ (DA-CLIP-conditioned models need it)
+  d.chain = "wild"  # unpaired sources: degradation chain (an input_pipeline.registry name/spec)
+  d.degrade_probs = ml_collections.ConfigDict()  # overrides of the chain's parameters
+  d.update(overrides)
+  return d
+
+
+def optimizer_config(**overrides) -> ml_collections.ConfigDict:
+  """AdamW with linear warmup then cosine annealing to `end_lr` (spec §8.1: no warmup)."""
+  o = ml_collections.ConfigDict(dict(lr=2e-4, end_lr=1e-6, warmup_steps=0, b1=0.9, b2=0.99,
+                                     eps=1e-8, weight_decay=0.0, grad_clip=0.0))
+  o.update(overrides)
+  return o
+
+
+def sde_config() -> ml_collections.ConfigDict:
+  """The released models' SDE (spec §8.1)."""
+  return ml_collections.ConfigDict(dict(max_sigma=50.0, T=100, schedule="cosine", eps=0.005))
+
+
+def eval_config(mode: str = "posterior", num_steps: int | None = None,
+                clip_x0: bool = False) -> ml_collections.ConfigDict:
+  """IR-SDE evaluation sampler: mode, network calls (None: T), and x̂₀ clamping."""
+  e = ml_collections.ConfigDict()
+  e.mode = mode
+  e.num_steps = ml_collections.config_dict.placeholder(int)
+  e.num_steps = num_steps
+  e.clip_x0 = clip_x0
+  return e
+
+
+def unet_config(**overrides) -> ml_collections.ConfigDict:
+  """The released ConditionalUNet (daclip-sde `train.yml`, spec §4.1, §8.1)."""
+  m = ml_collections.ConfigDict(dict(name="unet", in_nc=3, out_nc=3, nf=64, ch_mult=(1, 2, 4, 8),
+                                     context_dim=512, use_degra_context=True,
+                                     use_image_context=True, scale=1.0))
+  m.update(overrides)
+  return m
+
+
+def nafnet_config(**overrides) -> ml_collections.ConfigDict:
+  """Direct-regression NAFNet (NAFNet-width32 layout of Chen et al. 2022 by default)."""
+  m = ml_collections.ConfigDict(dict(name="nafnet", img_channel=3, width=32, middle_blk_num=12,
+                                     enc_blk_nums=(2, 2, 4, 8), dec_blk_nums=(2, 2, 2, 2),
+                                     context_dim=512, use_degra_context=True,
+                                     use_image_context=True, norm="layernorm2d"))
+  m.update(overrides)
+  return m
+
+
+def base(trainer: str) -> ml_collections.ConfigDict:
+  """The fields every experiment has (see the module docstring), at the paper's values."""
+  c = ml_collections.ConfigDict()
+  c.trainer = trainer
+  c.seed = 0
+  c.total_steps = 700_000
+  c.batch_size = 16
+  c.dtype = "float32"
+  c.mesh = (-1, 1)
+  c.fsdp_min_size = 2**18
+  c.strategy = "jit"
+  c.init_from = ""
+  c.ema_decay = 0.995
+  c.loss = "l1"
+  c.log_every = 100
+  c.eval_every = 10_000
+  c.eval_batch = 16
+  c.checkpoint_every = 10_000
+  c.keep_checkpoints = 3
+  c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=1,
+                                                 process_id=0, local_device_ids=()))
+  c.daclip = ml_collections.ConfigDict(dict(checkpoint=""))
+  c.optimizer = optimizer_config()
+  return c
+
+
+def shrink_for_tests(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The `:tiny` part every experiment shares: a few steps on the embedded photos, 32² crops,
+  batch 8 (divisible by the 8 fake devices the tests use), a random tiny DA-CLIP if any."""
+  c.total_steps = 4
+  c.batch_size = 8
+  c.eval_batch = 8
+  c.log_every = 1
+  c.eval_every = 4
+  c.checkpoint_every = 2
+  c.keep_checkpoints = 3
+  c.data.source = "quickstart"
+  c.data.root = ""
+  c.data.patch_size = 32
+  if c.daclip.checkpoint:
+    c.daclip.checkpoint = "random:tiny"
+    c.model.context_dim = 64  # the tiny CLIP's embedding width
+  return c
