@@ -29,8 +29,9 @@ class Checkpointer:
     if keep < 1:
       raise ValueError(f"keep must be >= 1, got {keep}")
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    policies = [ocp.checkpoint_managers.ContinuousCheckpointingPolicy()
-                if save_every == 1 else ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
+    # (Not ContinuousCheckpointingPolicy for save_every=1: it skips a step while the previous
+    # save is still being written, so "every step" would silently mean "when idle".)
+    policies = [ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
                 ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]
     if total_steps:
       policies.append(ocp.checkpoint_managers.SpecificStepsPolicy(steps=[total_steps]))

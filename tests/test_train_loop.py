@@ -1,0 +1,306 @@
+"""The training spine's guarantees: every config's :tiny trains, saves and resumes; a run killed
+(SIGKILL) or stopped (SIGTERM) and resumed ends bit-equal to an uninterrupted one; a non-finite loss
+stops the run before it is saved; the conditioned models learn and their conditioning receives
+gradients; `init_from` starts from the file's parameters; two processes equal one."""
+
+import glob
+import importlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import irsde_daclip_universal, nafnet_daclip
+from uir_jax import parallel
+from uir_jax.checkpoint import Checkpointer
+from uir_jax.train import TRAINERS, get_trainer, irsde, loop, nafnet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = ["irsde_daclip_universal", "irsde_wild", "irsde", "nafnet_daclip", "nafnet",
+           "irsde_quickstart"]
+
+
+def _stage_of(config):
+  return importlib.import_module(TRAINERS[config.trainer]).make_stage(config)
+
+
+def _saved_state(config, workdir, step=None):
+  """A checkpoint of `workdir` as numpy (restored onto one device, whatever wrote it)."""
+  _, init = loop.init_state_fn(_stage_of(config))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          jax.eval_shape(init))
+  ckpt = Checkpointer(workdir, save_every=1)
+  try:
+    return jax.device_get(ckpt.restore(abstract, step))
+  finally:
+    ckpt.close()
+
+
+def _assert_bit_equal(a, b, what):
+  for name in ("step", "params", "ema", "opt", "rest"):
+    la, lb = jax.tree.leaves(a[name]), jax.tree.leaves(b[name])
+    assert len(la) == len(lb), f"{what}: {name} structure differs"
+    for x, y in zip(la, lb, strict=True):
+      assert np.array_equal(np.asarray(x), np.asarray(y)), f"{what}: {name} differs"
+
+
+def _steps(workdir):
+  return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints",
+                                                                          "[0-9]*")))
+
+
+# ---- Every config -------------------------------------------------------------------------------
+
+def test_every_config_declares_its_fields_and_rejects_unknown_ones():
+  for name in CONFIGS:
+    module = importlib.import_module(f"configs.{name}")
+    config = module.get_config("tiny")
+    assert config.trainer in TRAINERS, name
+    assert module.__doc__ and "uir-jax train --config configs/" in module.__doc__, name
+    full = module.get_config(None)
+    assert full.data.keys() == config.data.keys(), name
+    with pytest.raises(ValueError, match="unknown variant"):
+      module.get_config("huge")
+  full = irsde_daclip_universal.get_config()
+  # The paper's universal-ir recipe (spec §8.1).
+  assert (full.batch_size, full.data.patch_size, full.total_steps) == (16, 256, 700_000)
+  assert (full.optimizer.lr, full.optimizer.b1, full.optimizer.b2) == (2e-4, 0.9, 0.99)
+  assert full.optimizer.end_lr == 1e-6 and full.model.context_dim == 512
+  assert full.eval.mode == "posterior"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CONFIGS)
+def test_tiny_config_trains_saves_and_resumes(name, tmp_path):
+  config = importlib.import_module(f"configs.{name}").get_config("tiny")
+  with config.unlocked():
+    config.total_steps = 3
+  workdir = str(tmp_path / "wd")
+  result = get_trainer(config.trainer)(config, workdir)
+  assert result["step"] == 3 and not result["preempted"]
+  assert np.isfinite(result["eval/psnr_restored"]) and np.isfinite(result["eval/psnr_lq"])
+  assert json.load(open(os.path.join(workdir, "config.json")))["trainer"] == config.trainer
+  assert glob.glob(os.path.join(workdir, "eval_lq_restored_gt_0000003.png"))
+  assert _steps(workdir) == [2, 3]
+  # The same command again: restores step 3 into the config's state and has nothing left to do.
+  again = get_trainer(config.trainer)(config, workdir)
+  assert again["step"] == 3 and "eval/psnr_restored" not in again
+
+
+# ---- Kill / stop and resume ---------------------------------------------------------------------
+
+def _env(devices=8):
+  env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env.pop("CI", None)
+  return env
+
+
+def _train_cmd(workdir, *overrides):
+  return [sys.executable, "-m", "uir_jax.main", "train",
+          "--config", os.path.join(ROOT, "configs", "irsde.py:tiny"), "--workdir", workdir,
+          "--config.total_steps=6", "--config.checkpoint_every=2", "--config.eval_every=100",
+          *overrides]
+
+
+def _run_until(cmd, env, marker, sig):
+  """Starts `cmd`, sends `sig` once `marker` is printed, returns (exit code, output)."""
+  proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if marker in line:
+      proc.send_signal(sig)
+      break
+  rest, _ = proc.communicate(timeout=300)
+  return proc.returncode, "".join(lines) + rest
+
+
+def _run(cmd, env):
+  out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  return out.stdout
+
+
+@pytest.mark.slow
+def test_killed_and_stopped_runs_resume_bit_equal_to_an_uninterrupted_run(tmp_path):
+  env = _env()
+  straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
+  _run(_train_cmd(straight), env)
+  # SIGKILL at a random step between checkpoints (2 and 4, or 4 and 6): nothing gets to clean up.
+  kill_at = random.Random().choice([3, 5])
+  code, out = _run_until(_train_cmd(broken), env, f"step {kill_at}/6", signal.SIGKILL)
+  assert code == -signal.SIGKILL, out[-2000:]
+  assert max(_steps(broken), default=0) < 6
+  if kill_at == 5:  # resume, then SIGTERM before the end: saves where it stops and exits 143
+    _run_until(_train_cmd(broken), env, "resumed from step", signal.SIGTERM)
+  else:
+    code, out = _run_until(_train_cmd(broken), env, "step 5/6", signal.SIGTERM)
+    assert code == 143, out[-2000:]
+    assert "stop requested at step" in out
+  out = _run(_train_cmd(broken), env)
+  assert "resumed from step" in out
+  config = importlib.import_module("configs.irsde").get_config("tiny")
+  _assert_bit_equal(_saved_state(config, broken, 6), _saved_state(config, straight, 6),
+                    f"killed at {kill_at}, stopped, resumed")
+
+
+# ---- Non-finite loss ----------------------------------------------------------------------------
+
+def test_non_finite_loss_stops_before_saving_and_the_run_resumes(tmp_path):
+  config = nafnet_daclip.get_config("tiny")
+  with config.unlocked():
+    config.checkpoint_every = 1
+  workdir = str(tmp_path / "wd")
+  bad_step = 3
+
+  def poisoned(config):
+    stage = nafnet.make_stage(config)
+    clean = stage.loss_fn
+
+    def loss_fn(model, batch, key, aux):
+      loss, extra = clean(model, batch, key, aux)
+      # Step s holds global examples [(s - 1) B, s B): poison step `bad_step` only.
+      first = jnp.min(batch["index"])
+      return jnp.where(first == (bad_step - 1) * config.batch_size, jnp.nan, loss), extra
+
+    stage.loss_fn = loss_fn
+    return stage
+
+  with pytest.raises(loop.NonFiniteLoss, match=f"at step {bad_step}"):
+    loop.train(config, workdir, poisoned)
+  assert _steps(workdir) == [1, 2]  # the newest checkpoint is the last finite state
+  last = _saved_state(config, workdir)
+  assert int(last["step"]) == 2
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(last["params"]))
+  result = nafnet.train_and_evaluate(config, workdir)  # the same run, resumed, goes on
+  assert result["step"] == config.total_steps and np.isfinite(result["eval/psnr_restored"])
+
+
+# ---- Learning and conditioning ----------------------------------------------------------------
+
+def _fixed_batch(n=8, size=32):
+  r = np.random.default_rng(1)
+  gt = r.uniform(0, 1, (n, size, size, 3)).astype(np.float32)
+  lq = np.clip(gt + r.normal(0, 0.15, gt.shape), 0, 1).astype(np.float32)
+  return {"lq": lq, "gt": gt, "index": np.arange(n, dtype=np.int32),
+          "clip_lq": r.normal(0, 1, (n, 32, 32, 3)).astype(np.float32)}
+
+
+def _path_grad_norms(grads):
+  out = {}
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    out[jax.tree_util.keystr(path)] = float(jnp.linalg.norm(jnp.ravel(g)))
+  return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module,config_module,factor,conditioning",
+                         [(irsde, irsde_daclip_universal, 1.5, ("attn2", "prompt")),
+                          (nafnet, nafnet_daclip, 2.0, ("att", "prompt"))],
+                         ids=["irsde_daclip", "nafnet_daclip"])
+def test_conditioned_model_overfits_a_batch_and_its_conditioning_gets_gradients(
+    module, config_module, factor, conditioning):
+  config = config_module.get_config("tiny")
+  with config.unlocked():
+    config.optimizer.lr = 2e-3
+    config.total_steps = 60
+  stage = module.make_stage(config)
+  graphdef, init = loop.init_state_fn(stage)
+  step = jax.jit(lambda s, b, a, k: loop.make_train_step(graphdef, stage, 0.9)(s, b, a, k, None))
+  state, batch, key = jax.jit(init)(), _fixed_batch(), loop.step_key(0)
+  losses = []
+  for _ in range(config.total_steps):
+    state, metrics = step(state, batch, stage.aux, key)
+    losses.append(float(metrics["loss"]))
+  # The IR-SDE loss is drawn at a random t per example and step: compare 10-step means. The PSNR
+  # loss is negative (-PSNR): compare the MSE it stands for (10^(loss/10)).
+  first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+  if config.loss == "psnr":
+    first, last = 10 ** (first / 10), 10 ** (last / 10)
+  assert last * factor < first, (first, last)
+  grads = jax.grad(lambda p: stage.loss_fn(nnx.merge(graphdef, p, state["rest"]), batch, key,
+                                           stage.aux)[0])(state["params"])
+  norms = _path_grad_norms(grads)
+  for part in conditioning:
+    hits = [v for k, v in norms.items() if f"'{part}'" in k]
+    assert hits and max(hits) > 0, (part, sorted(norms)[:20])
+
+
+@pytest.mark.torch
+def test_init_from_starts_from_the_files_parameters(tmp_path):
+  import torch
+
+  from uir_jax.convert.nafnet import load_nafnet
+
+  torch_nafnet = pytest.importorskip("torch_nafnet")
+
+  config = importlib.import_module("configs.nafnet").get_config("tiny")
+  m = config.model
+  torch.manual_seed(0)
+  net = torch_nafnet.TorchNAFNet(img_channel=3, width=m.width, middle_blk_num=m.middle_blk_num,
+                    enc_blk_nums=list(m.enc_blk_nums), dec_blk_nums=list(m.dec_blk_nums))
+  path = str(tmp_path / "nafnet.pth")
+  torch.save(net.state_dict(), path)
+  with config.unlocked():
+    config.init_from = path
+    config.total_steps = 1
+    config.optimizer.lr = 0.0
+    config.optimizer.end_lr = 0.0
+  workdir = str(tmp_path / "wd")
+  nafnet.train_and_evaluate(config, workdir)
+  saved = _saved_state(config, workdir)
+  want = jax.tree.leaves(nnx.state(load_nafnet(path), nnx.Param))
+  got = jax.tree.leaves(saved["params"])
+  assert len(got) == len(want)
+  for a, b in zip(got, want, strict=True):  # lr 0: step 1 keeps the loaded weights exactly
+    np.testing.assert_array_equal(a, np.asarray(b))
+  with config.unlocked():  # a file of another architecture is refused with the key named
+    config.model.width = 16
+  with pytest.raises(ValueError, match="init_from .*shape"):
+    nafnet.train_and_evaluate(config, str(tmp_path / "wd2"))
+
+
+# ---- Multi-host ------------------------------------------------------------------------------
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_as_many_devices(tmp_path):
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  common = ["--config.total_steps=3", "--config.checkpoint_every=3"]
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _train_cmd(two, *common, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                 "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
+      env=_env(devices=4), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  _run(_train_cmd(one, *common), _env(devices=8))
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  assert "2 process(es)" in outs[0] and "over 8 cpu device(s)" in outs[0]
+  config = importlib.import_module("configs.irsde").get_config("tiny")
+  _assert_bit_equal(_saved_state(config, two, 3), _saved_state(config, one, 3), "2 x 4 vs 1 x 8")
+
+
+def test_parallel_batch_helpers_reject_bad_sizes():
+  mesh = parallel.make_mesh((-1, 1))
+  with pytest.raises(ValueError, match="divisible"):
+    parallel.local_batch_size(6, mesh)
+  with pytest.raises(ValueError, match="divisible"):
+    parallel.split_local_batch({"x": np.zeros((6, 2))})
