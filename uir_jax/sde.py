@@ -22,6 +22,12 @@ and never re-traces per step. `num_steps < T` runs the posterior sampler on a su
 timesteps using the exact Gaussian posterior between non-adjacent steps (a capability the PyTorch
 reference does not have): between s < t the OU process gives x_t − μ = (m_t/m_s)(x_s − μ) + noise,
 so the one-step formulas hold with a_t replaced by m_t / m_s.
+
+The few-step solver (modes "mr2", "mr3" and their "-sde" variants; `IRSDE.mr_coefficients`) solves
+the linear (OU) part of the reverse ODE / SDE exactly and integrates the network's x̂_0 with a
+multistep exponential integrator in ℓ = log(m_t / σ̄_t), as DPM-Solver++ and the MR Sampler do;
+"posterior" is its first-order SDE member. Every sampler's step is an `IRSDE` method, and the
+compiled loop only calls those methods.
 """
 
 from __future__ import annotations
@@ -40,7 +46,10 @@ Array = jax.Array
 EpsFn = Callable[..., Array]
 
 SCHEDULES = ("cosine", "linear", "constant")
-MODES = ("posterior", "sde", "ode")
+# (order, stochastic) of the few-step solver's modes (`IRSDE.mr_coefficients`).
+_MR_MODES = {"mr2": (2, False), "mr3": (3, False), "mr2-sde": (2, True), "mr3-sde": (3, True)}
+MODES = ("posterior", "sde", "ode", *_MR_MODES)
+STEP_SCHEDULES = ("time", "logsnr")  # spacing of num_steps < T steps (`IRSDE.timesteps`)
 
 
 def _theta_schedule(name: str, T: int) -> np.ndarray:
@@ -225,37 +234,158 @@ class IRSDE:
     return x - (th * (mu - x) - 0.5 * sg**2 * score) * self.dt
 
   def reverse_posterior_step(self, key: Array, x: Array, mu: Array, eps: Array, t: Array,
-                             t_prev: Array | None = None) -> Array:
-    """Posterior sampling step: x_{s} ~ q(x_s | x_t, x̂_0(ε̂)), s = t − 1 unless `t_prev` is given."""
+                             t_prev: Array | None = None, *, clip_x0: bool = False) -> Array:
+    """Posterior sampling step: x_{s} ~ q(x_s | x_t, x̂_0(ε̂)), s = t − 1 unless `t_prev` is given.
+
+    x, mu, eps: [B, H, W, C]; t, t_prev: int [B]. `clip_x0` clamps x̂_0 to [0, 1] first.
+    """
     t_prev = t - 1 if t_prev is None else t_prev
     x0 = self.x0_from_noise(x, mu, eps, t)
+    if clip_x0:
+      x0 = jnp.clip(x0, 0.0, 1.0)
     m_t, m_s = self._at("m", t, x.ndim), self._at("m", t_prev, x.ndim)
     mean = _posterior_mean(x, x0, mu, m_t, m_s)
     std = _posterior_std(m_t, m_s, self.lam, self.dt)
     return mean + std * jax.random.normal(key, x.shape, x.dtype)
 
   # ------------------------------------------------------------------------------------------
+  # Few-step solver: exact linear part, exponential integrator on x̂_0 (modes "mr2", "mr3", ...).
+  # ------------------------------------------------------------------------------------------
+
+  @property
+  def log_snr(self) -> np.ndarray:
+    """ℓ_t = log(m_t / σ̄_t), float64 [T + 1], increasing as t decreases (ℓ_0 = +inf)."""
+    with np.errstate(divide="ignore"):
+      return np.log(self.m) - np.log(self.sigma_bar)
+
+  def mr_coefficients(self, ts: np.ndarray, order: int,
+                      stochastic: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-step coefficients of the multistep exponential integrator visiting `ts`, then 0.
+
+    In y = x − μ the forward marginal is y_t = m_t y_0 + σ̄_t ε, a linear Gaussian process with
+    signal scale m_t and noise scale σ̄_t. Its probability-flow ODE (η = 0) and reverse SDE
+    (η = 1), written for the data prediction D = x̂_0 − μ in ℓ = log(m/σ̄), have the exact solution
+    from s to t (h = ℓ_t − ℓ_s > 0, c = 1 + η):
+
+      y_t = (σ̄_t/σ̄_s) e^{−ηh} y_s + m_t ∫_0^h c e^{−c(h−u)} D(ℓ_s + u) du + σ̄_t sqrt(1 − e^{−2ηh}) z
+
+    (for a constant D this is DDIM when η = 0 and exactly the posterior step of
+    `reverse_posterior_step` when η = 1). Only the integral is approximated, from the last
+    k = min(order, i + 1) network outputs: k = 1 holds D constant (first order); k = 2 is
+    DPM-Solver++(2M) (the line through the last two outputs, read at the interval's midpoint);
+    k = 3 integrates the quadratic through the last three exactly against the kernel (exponential
+    Adams–Bashforth, as DEIS). This is the MR Sampler idea (Li et al., ICLR 2025), written for
+    these discrete tables: the network is only ever called at integer t, where it was trained.
+    The final step, to t = 0 where σ̄_0 = 0 and h = ∞, returns x̂_0 of the last call (first order),
+    as the posterior sampler does.
+
+    Args:
+      ts: descending network-evaluation timesteps [n] (from `timesteps`).
+      order: polynomial order (1 = DDIM / posterior, 2, 3).
+      stochastic: False for the ODE (η = 0), True for the SDE (η = 1).
+
+    Returns:
+      float64 (coef_x [n], coef_d [n, order], std [n]); step i maps x at ts[i] to
+      μ + coef_x[i] (x − μ) + Σ_j coef_d[i, j] (x̂_0 of call i − j − μ) + std[i] z.
+    """
+    ts = np.asarray(ts)
+    if order < 1:
+      raise ValueError(f"order must be >= 1, got {order}")
+    n = len(ts)
+    ell = self.log_snr
+    coef_x, coef_d, std = np.zeros(n), np.zeros((n, order)), np.zeros(n)
+    eta = 1.0 if stochastic else 0.0
+    c = 1.0 + eta
+    for i in range(n):
+      s = int(ts[i])
+      t = int(ts[i + 1]) if i + 1 < n else 0
+      if t == 0:
+        coef_d[i, 0] = 1.0  # y_0 = x̂_0 − μ: the kernel is a point mass at u = h = ∞
+        continue
+      h = ell[t] - ell[s]
+      coef_x[i] = self.sigma_bar[t] / self.sigma_bar[s] * math.exp(-eta * h)
+      std[i] = self.sigma_bar[t] * math.sqrt(-math.expm1(-2.0 * eta * h))
+      k = min(order, i + 1)  # lower order until enough calls have been made
+      nodes = np.array([ell[int(ts[i - j])] - ell[s] for j in range(k)])  # u_0 = 0, then < 0
+      # ∫_0^h c e^{−c(h−u)} u^p du for p = 0, 1, 2 (integration by parts: I_p = h^p − p I_{p−1}/c).
+      moments = [-math.expm1(-c * h)]
+      for p in range(1, k):
+        moments.append(h**p - p * moments[-1] / c)
+      if k == 2:
+        # DPM-Solver++(2M)'s weights: the line through the two outputs read at the interval's
+        # midpoint, u = h/2, instead of integrated against the kernel (which extrapolates to the
+        # kernel's mean, nearer u = h). Also second order; measured in the Gaussian case
+        # (benchmarks/sampler.py) it overshoots much less at 5-20 steps, where h ~ 0.5-2.
+        w = moments[0] * 0.5 * h / -nodes[1]
+        coef_d[i, :2] = self.m[t] * np.array([moments[0] + w, -w])
+      else:
+        # Lagrange weights: P(u) = Σ_j D_j L_j(u), ∫ kernel · L_j = (V^{-T} I)_j, V[j, p] = u_j^p.
+        vander = nodes[:, None] ** np.arange(k)[None, :]
+        coef_d[i, :k] = self.m[t] * np.linalg.solve(vander.T, np.asarray(moments))
+    return coef_x, coef_d, std
+
+  def reverse_mr_step(self, key: Array, x: Array, mu: Array, eps: Array, t: Array,
+                      x0_hist: Array, coef_x: Array, coef_d: Array, std: Array, *,
+                      clip_x0: bool = False) -> tuple[Array, Array]:
+    """One step of the few-step solver (coefficients from `mr_coefficients`).
+
+    Args:
+      key: PRNG key for the step's noise (unused when std is None).
+      x, mu, eps: [B, H, W, C]; t: int [B] (the current timestep, for x̂_0).
+      x0_hist: [order − 1, B, H, W, C], the previous calls' x̂_0, newest first (entries whose
+        coefficient is 0, i.e. before the first calls, are ignored).
+      coef_x: scalar; coef_d: [order]; std: scalar, or None for the ODE (no noise drawn).
+      clip_x0: clamp x̂_0 to [0, 1] before it enters the step (and the history).
+
+    Returns:
+      (x at the next timestep [B, H, W, C], updated x0_hist).
+    """
+    x0 = self.x0_from_noise(x, mu, eps, t)
+    if clip_x0:
+      x0 = jnp.clip(x0, 0.0, 1.0)
+    stack = jnp.concatenate([x0[None], x0_hist], axis=0)  # [order, B, H, W, C], newest first
+    out = mu + coef_x * (x - mu) + jnp.tensordot(coef_d.astype(x.dtype), stack - mu, axes=1)
+    if std is not None:
+      out = out + std * jax.random.normal(key, x.shape, x.dtype)
+    return out, stack[:-1]
+
+  # ------------------------------------------------------------------------------------------
   # Samplers.
   # ------------------------------------------------------------------------------------------
 
-  def timesteps(self, num_steps: int | None = None) -> np.ndarray:
+  def timesteps(self, num_steps: int | None = None, schedule: str = "time") -> np.ndarray:
     """The descending timesteps a sampler visits: T..1, or a subsequence of `num_steps` of them.
 
     The subsequence always starts at T (where x_T = μ + λz matches the marginal) and ends at 1.
+    schedule "time" spaces them uniformly in t; "logsnr" uniformly in ℓ_t = log(m_t / σ̄_t) as far
+    as distinct integer steps allow (ℓ changes fastest near t = 1, where it then takes every step).
     """
     n = self.T if num_steps is None else num_steps
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= self.T:
       raise ValueError(f"num_steps must be an integer in 1..T={self.T}, got {num_steps!r}")
+    if schedule not in STEP_SCHEDULES:
+      raise ValueError(f"unknown step schedule {schedule!r}; expected one of {STEP_SCHEDULES}")
     if n == 1:
       return np.array([self.T], np.int32)
-    ts = np.unique(np.round(np.linspace(1, self.T, n)).astype(np.int32))[::-1]
-    if len(ts) != n:  # cannot happen for n <= T, kept as an invariant check
-      raise AssertionError(f"timestep subsequence has {len(ts)} entries, wanted {n}")
+    if schedule == "time":
+      ts = np.unique(np.round(np.linspace(1, self.T, n)).astype(np.int32))[::-1]
+    else:
+      ell = self.log_snr
+      ts, prev = [], self.T + 1
+      for i, target in enumerate(np.linspace(ell[self.T], ell[1], n)):
+        # Nearest ℓ among the integers below the previous step that leave room for the rest.
+        cand = np.arange(n - i, prev)
+        prev = int(cand[np.argmin(np.abs(ell[cand] - target))])
+        ts.append(prev)
+      ts = np.asarray(ts, np.int32)
+    if len(ts) != n or ts[0] != self.T or ts[-1] != 1 or np.any(np.diff(ts) >= 0):
+      raise AssertionError(f"bad timestep subsequence {ts} for n={n}")  # invariant check
     return ts.copy()
 
   def sample(self, eps_fn: EpsFn, mu: Array, key: Array, mode: str = "posterior",
              num_steps: int | None = None, *, x_T: Array | None = None,
-             eps_args: tuple = (), clip_x0: bool = False) -> Array:
+             eps_args: tuple = (), clip_x0: bool = False, step_schedule: str | None = None,
+             return_path: bool = False) -> Array | tuple[Array, Array]:
     """Runs the reverse process from x_T = μ + λz (or `x_T`) to an estimate of x_0.
 
     Args:
@@ -266,25 +396,35 @@ class IRSDE:
       mu: the low-quality image(s), [B, H, W, C] float in [0, 1].
       key: PRNG key for the initial state and the per-step noise.
       mode: "posterior" (wild-IR's sampler, the reference default; the last step returns x̂_0),
-        "sde" (reverse SDE, the ICLR paper's sampler) or "ode" (probability-flow ODE).
-      num_steps: number of network evaluations; < T is supported for "posterior" only.
+        "sde" (reverse SDE, the ICLR paper's sampler), "ode" (probability-flow ODE, Euler), or
+        the few-step solver (`mr_coefficients`): "mr2" / "mr3" (second / third-order
+        exponential integrator of the probability-flow ODE; deterministic after x_T) and
+        "mr2-sde" / "mr3-sde" (the same for the reverse SDE; "mr1-sde" would be "posterior").
+      num_steps: number of network evaluations; < T is supported for "posterior" and "mr*".
       x_T: optional initial state (default μ + λz drawn from `key`).
       eps_args: extra (traced) arguments forwarded to `eps_fn`.
-      clip_x0: posterior mode only: clamp each step's x̂_0 to [0, 1] (like DDPM's
+      clip_x0: posterior and mr modes: clamp each step's x̂_0 to [0, 1] (like DDPM's
         `clip_denoised`). Not in the reference (default off). x̂_0 divides by m_t, which is 0.005
         at t = T, so a partly trained denoiser's errors are amplified 200x; clamping keeps the
         sampler stable for such models and changes nothing for an accurate one.
+      step_schedule: how `num_steps` < T steps are spaced (`timesteps`): "time" or "logsnr".
+        Default: "time" for "posterior" (the reference's spacing), "logsnr" for the mr modes.
+      return_path: also return the state after every step, [num_steps, B, H, W, C] (the last
+        entry is the output), e.g. to check intermediate marginals.
 
     Returns:
-      The restored image(s), same shape as `mu` (unclipped, like the reference).
+      The restored image(s), same shape as `mu` (unclipped, like the reference); with
+      `return_path`, (restored, path).
     """
     if mode not in MODES:
       raise ValueError(f"unknown sampling mode {mode!r}; expected one of {MODES}")
-    ts = self.timesteps(num_steps)
-    if mode != "posterior" and len(ts) != self.T:
+    if step_schedule is None:
+      step_schedule = "logsnr" if mode in _MR_MODES else "time"
+    ts = self.timesteps(num_steps, step_schedule)
+    if mode in ("sde", "ode") and len(ts) != self.T:
       raise ValueError(
-          f"num_steps={num_steps} < T={self.T} is only supported for mode='posterior' "
-          f"(the {mode!r} sampler is a fixed-step discretisation of the SDE)")
+          f"num_steps={num_steps} < T={self.T} is only supported for mode='posterior' and the "
+          f"mr modes (the {mode!r} sampler is a fixed-step Euler discretisation of the SDE)")
     mu = jnp.asarray(mu)
     if mu.ndim != 4:
       raise ValueError(f"mu must be a batch of images [B, H, W, C], got shape {mu.shape}")
@@ -293,12 +433,20 @@ class IRSDE:
       x_T = self.noise_state(k_init, mu)
     else:
       self._check_same_shape(x_T=x_T, mu=mu)
-    if clip_x0 and mode != "posterior":
-      raise ValueError("clip_x0 applies to mode='posterior' only (the SDE/ODE samplers never form "
-                       "x̂_0)")
+    if clip_x0 and mode in ("sde", "ode"):
+      raise ValueError("clip_x0 applies to mode='posterior' and the mr modes only (the SDE/ODE "
+                       "samplers never form x̂_0)")
     ts_prev = np.concatenate([ts[1:], [0]]).astype(np.int32)
-    return _sample_loop(eps_fn, mode, self._tables, self.lam, self.dt, bool(clip_x0), mu, x_T,
-                        k_loop, jnp.asarray(ts), jnp.asarray(ts_prev), tuple(eps_args))
+    coefs = None
+    if mode in _MR_MODES:
+      order, stochastic = _MR_MODES[mode]
+      cx, cd, sd = self.mr_coefficients(ts, order, stochastic)
+      # The ODE draws no noise at all (None is an empty pytree leaf in the scan).
+      coefs = (jnp.asarray(cx, jnp.float32), jnp.asarray(cd, jnp.float32),
+               jnp.asarray(sd, jnp.float32) if stochastic else None)
+    x, path = _sample_loop(self, eps_fn, mode, bool(clip_x0), bool(return_path), mu, x_T, k_loop,
+                           jnp.asarray(ts), jnp.asarray(ts_prev), coefs, tuple(eps_args))
+    return (x, path) if return_path else x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,35 +470,36 @@ def _posterior_std(m_t: Array, m_s: Array, lam: float, dt: float) -> Array:
   return jnp.exp(0.5 * jnp.log(jnp.maximum(var, 1e-20 * dt))) * lam
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 3, 4, 5))
-def _sample_loop(eps_fn, mode, tables, lam, dt, clip_x0, mu, x_T, key, ts, ts_prev, eps_args):
-  batch, ndim = mu.shape[0], mu.ndim
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _sample_loop(sde, eps_fn, mode, clip_x0, return_path, mu, x_T, key, ts, ts_prev, coefs,
+                 eps_args):
+  """The reverse loop as one `lax.scan` over the steps; each step is one of IRSDE's step methods.
 
-  def at(name, t):
-    return jnp.broadcast_to(tables[name][t], (1,) * ndim)
+  `sde` is static (hashed by identity): its float32 tables become constants of the program.
+  Returns (x_0 estimate, path [n, B, H, W, C] if `return_path` else None).
+  """
+  batch = mu.shape[0]
+  order = coefs[1].shape[1] if coefs is not None else 1
+  x = x_T.astype(jnp.float32)
+  # The mr modes carry the previous calls' x̂_0 (zeros until filled; their coefficients are 0).
+  hist = jnp.zeros((order - 1,) + x.shape, x.dtype)
 
-  def body(x, inputs):
-    t, t_prev, k = inputs
+  def body(carry, inputs):
+    x, hist = carry
+    t, t_prev, k, coef = inputs
     tb = jnp.full((batch,), t, jnp.int32)
     eps = eps_fn(x, mu, tb, *eps_args).astype(x.dtype)
-    m_t, sb = at("m", t), at("sigma_bar", t)
     if mode == "posterior":
-      x0 = mu + (x - mu - sb * eps) / m_t
-      if clip_x0:
-        x0 = jnp.clip(x0, 0.0, 1.0)
-      m_s = at("m", t_prev)
-      mean = _posterior_mean(x, x0, mu, m_t, m_s)
-      x = mean + _posterior_std(m_t, m_s, lam, dt) * jax.random.normal(k, x.shape, x.dtype)
+      x = sde.reverse_posterior_step(k, x, mu, eps, tb, jnp.full((batch,), t_prev, jnp.int32),
+                                     clip_x0=clip_x0)
+    elif mode == "sde":
+      x = sde.reverse_sde_step(k, x, mu, eps, tb)
+    elif mode == "ode":
+      x = sde.reverse_ode_step(x, mu, eps, tb)
     else:
-      th, sg = at("theta", t), at("sigma", t)
-      score = -eps / sb
-      if mode == "sde":
-        drift = (th * (mu - x) - sg**2 * score) * dt
-        x = x - drift - sg * math.sqrt(dt) * jax.random.normal(k, x.shape, x.dtype)
-      else:  # ode
-        x = x - (th * (mu - x) - 0.5 * sg**2 * score) * dt
-    return x, None
+      x, hist = sde.reverse_mr_step(k, x, mu, eps, tb, hist, *coef, clip_x0=clip_x0)
+    return (x, hist), (x if return_path else None)
 
   keys = jax.random.split(key, ts.shape[0])
-  x, _ = jax.lax.scan(body, x_T.astype(jnp.float32), (ts, ts_prev, keys))
-  return x
+  (x, _), path = jax.lax.scan(body, (x, hist), (ts, ts_prev, keys, coefs))
+  return x, path
