@@ -36,7 +36,12 @@ flags.DEFINE_string("unet", None, "Denoiser checkpoint (.pth state_dict, or its 
 flags.DEFINE_string("daclip", None, "DA-CLIP checkpoint (.pt or .safetensors); omit for "
                     "unconditional models.")
 flags.DEFINE_string("output_dir", "restored", "Where restored PNGs are written.")
-flags.DEFINE_enum("mode", "posterior", ["posterior", "sde", "ode"], "IR-SDE sampler.")
+flags.DEFINE_enum("mode", "posterior",
+                  ["posterior", "sde", "ode", "mr2", "mr3", "mr2-sde", "mr3-sde"],
+                  "IR-SDE sampler: posterior (the reference's), sde / ode (T Euler steps), or the "
+                  "few-step solver: mr2 (2nd-order, deterministic; 10-20 --num_steps match 100 "
+                  "posterior steps in the analytic test case), mr3 (3rd-order, from ~15 steps), "
+                  "mr2-sde / mr3-sde (stochastic variants).")
 flags.DEFINE_integer("num_steps", None, "Posterior steps (default T=100; fewer is faster).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 # eval
