@@ -5,7 +5,8 @@ code reads no undeclared field.
 Top-level fields (see `base`):
   trainer            which stage trains: "irsde" | "nafnet" (`uir_jax.train.TRAINERS`)
   seed               one seed for the model init, the data stream and every step's randomness
-  total_steps        optimizer steps of the whole run (the cosine schedule ends there)
+  total_steps        optimizer steps of the whole run (the cosine schedule ends there); -1: from
+                     `num_epochs` and the size of the training set
   batch_size         the global batch (split over all devices and hosts)
   dtype              compute dtype, "float32" | "bfloat16" (parameters stay float32)
   mesh               (data, fsdp) device mesh sizes, one may be -1 (= the rest): (-1, 1) is pure
@@ -52,6 +53,9 @@ def data_config(source: str, **overrides) -> ml_collections.ConfigDict:
   d.source = source  # quickstart | folder | universal | csv
   d.root = ""  # folder / universal: the data root
   d.csv_path = ""  # csv: DA-CLIP's captions file
+  d.captions = ""  # folder: optional JSON {relative path: caption} (DA-CLIP on clean photos)
+  d.holdout = 0  # quickstart: the last N photos are the evaluation split, never trained on
+  d.eval_augment = False  # evaluate on a training-like batch (random crops) of the eval split
   d.split = "train"  # universal: the training split folder
   d.val_split = "val"
   d.val_root = ""  # folder: held-out clean images ("" = the training folder's eval order)
@@ -64,7 +68,12 @@ def data_config(source: str, **overrides) -> ml_collections.ConfigDict:
   d.use_flip = True
   d.use_rot = True
   d.clip_lq = False  # add the 224² CLIP view of the LQ (DA-CLIP-conditioned models need it)
-  d.chain = "wild"  # unpaired sources: degradation chain (an input_pipeline.registry name/spec)
+  # unpaired sources: the degradation chain (an input_pipeline.registry name, or a spec)
+  d.chain = overrides.pop("chain", "wild")
+  # ... or a mixture of named tasks ((name, chain spec), ...): one per example, its name the
+  # example's degradation text (a synthetic universal set from clean photos)
+  d.tasks = ()
+  d.clip_gt = False  # add the CLIP view of the GT (DA-CLIP's robust term)
   d.degrade_probs = ml_collections.ConfigDict()  # overrides of the chain's parameters
   d.update(overrides)
   return d
@@ -113,12 +122,47 @@ def nafnet_config(**overrides) -> ml_collections.ConfigDict:
   return m
 
 
+def clip_config(arch: str, exact_noop_start: bool) -> ml_collections.ConfigDict:
+  """The CLIP a DA-CLIP controller is trained on: `arch` ("ViT-B-32" | "ViT-L-14" | "tiny"), the
+  weights file (`checkpoint`: open_clip / OpenAI / Hugging Face; "random:<arch>" for tests), and
+  the controller's start: the reference's initialisation quirk, or the exact no-op
+  (`exact_noop_start`: content features equal the plain CLIP's at step 0)."""
+  return ml_collections.ConfigDict(dict(arch=arch, checkpoint="",
+                                        exact_noop_start=exact_noop_start))
+
+
+def daclip_loss_config(same_text_positives: bool, robust: bool) -> ml_collections.ConfigDict:
+  """DA-CLIP loss options (see uir_jax/train/daclip.py)."""
+  return ml_collections.ConfigDict(dict(same_text_positives=same_text_positives, robust=robust,
+                                        robust_weight=1.0))
+
+
+def daclip_eval_config(words) -> ml_collections.ConfigDict:
+  """Zero-shot degradation classification over `words` (the texts the evaluation scores)."""
+  return ml_collections.ConfigDict(dict(words=tuple(words)))
+
+
+# Distinguishable synthetic degradations of clean photos, named with the universal set's words
+# where they match (spec §3.2): the quickstart's set and the DA-CLIP tests' data.
+SYNTHETIC_TASKS = (
+    ("noisy", [{"op": "gaussian_noise", "sigma_range": [15.0, 35.0], "gray_prob": 0.0}]),
+    ("blurry", [{"op": "blur", "max_radius": 5, "sinc_prob": 0.0, "deblur_prob": 0.0,
+                 "blur_range": [1.5, 3.0]}]),
+    ("jpeg-compressed", [{"op": "jpeg", "quality_range": [8, 20]}]),
+    ("low-light", [{"op": "low_light"}]),
+    ("hazy", [{"op": "haze"}]),
+    ("low-resolution", [{"op": "resize", "scale_range": [2.5, 4.0]},
+                        {"op": "resize", "size": "input"}]),
+)
+
+
 def base(trainer: str) -> ml_collections.ConfigDict:
   """The fields every experiment has (see the module docstring), at the paper's values."""
   c = ml_collections.ConfigDict()
   c.trainer = trainer
   c.seed = 0
   c.total_steps = 700_000
+  c.num_epochs = 0  # with total_steps = -1: that many passes over the training set instead
   c.batch_size = 16
   c.dtype = "float32"
   c.mesh = (-1, 1)

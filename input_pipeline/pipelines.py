@@ -173,13 +173,30 @@ class PipelineOptions:
   degrade_probs: Mapping[str, float] | None = None  # Overrides of the chain's parameters.
   # The on-the-fly degradation chain: a name or a pipeline spec of `input_pipeline.registry`.
   chain: Any = "wild"
+  # Or a mixture of named tasks [(name, chain), ...]: each example gets one, uniformly, and its
+  # "degradation" text is the task's name and its "label" the task's index (a synthetic
+  # universal set from clean photos).
+  tasks: tuple = ()
+  clip_gt: bool = False  # also the CLIP view of the GT ("clip_gt"; DA-CLIP's robust term)
 
 
 def _example_fn(source: readers.Source, opts: PipelineOptions, seed: int, train: bool):
   """Graph fn: (global index, item) -> example dict."""
   p = opts.patch_size
   chain = (registry.get_pipeline(opts.chain, **dict(opts.degrade_probs or {}))
-           if not source.paired else None)
+           if not source.paired and not opts.tasks else None)
+  task_names = tf.constant([name for name, _ in opts.tasks]) if opts.tasks else None
+  task_chains = [registry.get_pipeline(spec) for _, spec in opts.tasks]
+
+  def degrade(gt, seed):
+    """(lq, words, degradation text, label) of an unpaired example."""
+    if not task_chains:
+      lq, words = chain(gt, seed)
+      return lq, words, degradations.degradation_text(words), None
+    k = tf.random.stateless_uniform([], _sub(seed, 0), 0, len(task_chains), tf.int32)
+    branches = [lambda c=c: tuple(c(gt, _sub(seed, 1))) for c in task_chains]
+    lq, words = tf.switch_case(k, branches)
+    return lq, words, tf.gather(task_names, k), k
 
   def fn(gidx, item):
     s = example_seed(seed, gidx)
@@ -196,17 +213,20 @@ def _example_fn(source: readers.Source, opts: PipelineOptions, seed: int, train:
     gt = images[0]
     if source.paired:
       lq, words, degradation = images[1], degradations.no_words(), ex["degradation"]
+      label = None
     else:
       if train and opts.gray_prob > 0:
         gray = tf.random.stateless_uniform([], _sub(s, _GRAY)) < opts.gray_prob
         gt = tf.cond(gray, lambda: to_gray3(gt), lambda: gt)
-      lq, words = chain(gt, _sub(s, _DEGRADE))
+      lq, words, degradation, label = degrade(gt, _sub(s, _DEGRADE))
       lq = tf.ensure_shape(tf.cast(lq, tf.float32), [p, p, 3])
-      degradation = degradations.degradation_text(words)
-    out = {"lq": lq, "gt": gt, "words": tf.ensure_shape(words, [4]), "label": ex["label"],
+    out = {"lq": lq, "gt": gt, "words": tf.ensure_shape(words, [4]),
+           "label": ex["label"] if source.paired or label is None else label,
            "caption": ex["caption"], "degradation": degradation, "index": gidx}
     if opts.clip_lq:
       out["clip_lq"] = clip_image(lq)
+    if opts.clip_gt:
+      out["clip_gt"] = clip_image(gt)
     return out
 
   return fn
@@ -286,11 +306,14 @@ def options_from_config(cfg) -> PipelineOptions:
       patch_size=int(get("patch_size", 256)), gray_prob=float(get("gray_prob", 0.0) or 0.0),
       use_flip=bool(get("use_flip", True)), use_rot=bool(get("use_rot", True)),
       clip_lq=bool(get("clip_lq", False)), degrade_probs=dict(probs) if probs else None,
-      chain=registry.plain_spec(get("chain", "wild")))
+      chain=registry.plain_spec(get("chain", "wild")), clip_gt=bool(get("clip_gt", False)),
+      tasks=tuple((str(name), registry.plain_spec(spec))
+                  for name, spec in registry.plain_spec(get("tasks", ()) or ())))
 
 
 def from_config(cfg: Any, *, batch_size: int, seed: int, train: bool, start_step: int = 0,
-                process_index: int = 0, process_count: int = 1) -> NumpyStream:
+                process_index: int = 0, process_count: int = 1,
+                split: str | None = None) -> NumpyStream:
   """The trainer's entry point: a data ConfigDict -> an iterable of numpy batch dicts.
 
   Args:
@@ -305,11 +328,15 @@ def from_config(cfg: Any, *, batch_size: int, seed: int, train: bool, start_step
     start_step: first batch to produce; batches from a fresh stream's step N on equal those of a
       stream started at N.
     process_index, process_count: this host and the number of hosts.
+    split: "train" | "eval": which split of the source to read (default: "train" if `train`);
+      `train=True, split="eval"` is an infinite augmented stream of the held-out split.
   """
   opts = options_from_config(cfg)
   if opts.patch_size < 1:
     raise ValueError(f"patch_size must be >= 1, got {opts.patch_size}")
-  source = readers.source_from_config(cfg, train=train)
+  if split not in (None, "train", "eval"):
+    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+  source = readers.source_from_config(cfg, train=train if split is None else split == "train")
   ds = make_dataset(source, opts, batch_size=batch_size, seed=seed, train=train,
                     start_step=start_step, process_index=process_index,
                     process_count=process_count)

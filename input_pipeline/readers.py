@@ -367,15 +367,25 @@ def csv_source(csv_path: str, *, min_size: int = 0, validate: bool = True,
 
 
 def folder_source(root: str, *, min_size: int = 0, validate: bool = True,
-                  memory_budget: int = 256 << 20) -> Source:
+                  memory_budget: int = 256 << 20, captions: str = "") -> Source:
   """Every image under `root` (recursive, sorted), degraded on the fly.
 
-  Folders whose decoded images fit in `memory_budget` bytes are held in memory.
+  Folders whose decoded images fit in `memory_budget` bytes are held in memory. `captions`: an
+  optional JSON file {path relative to root: caption} (DA-CLIP training of clean photos; images
+  without an entry get the empty caption).
   """
   paths = image_io.list_images(root)
   if not paths:
     raise ValueError(f"{root}: no image files ({', '.join(image_io.IMAGE_EXTENSIONS)})")
-  return _unpaired_source(f"folder:{root}", paths, [""] * len(paths), min_size=min_size,
+  texts = [""] * len(paths)
+  if captions:
+    with open(captions, encoding="utf-8") as f:
+      table = json.load(f)
+    if not isinstance(table, dict):
+      raise ValueError(f"{captions}: expected a JSON object {{relative path: caption}}")
+    texts = [str(table.get(os.path.relpath(p, root), "")) for p in paths]
+    logging.info("%s: captions for %d of %d images", captions, sum(map(bool, texts)), len(paths))
+  return _unpaired_source(f"folder:{root}", paths, texts, min_size=min_size,
                           validate=validate, memory_budget=memory_budget)
 
 
@@ -393,9 +403,18 @@ def quickstart_entries() -> list[dict]:
           for e in images]
 
 
-def quickstart_source(*, min_size: int = 0, validate: bool = True) -> Source:
-  """scikit-image's bundled colour photos with our captions, degraded on the fly."""
+def quickstart_source(*, min_size: int = 0, validate: bool = True, holdout: int = 0,
+                      train: bool = True) -> Source:
+  """scikit-image's bundled colour photos with our captions, degraded on the fly.
+
+  holdout > 0: the last `holdout` photos form the evaluation split (`train=False`) and the
+  others the training split, so evaluation sees photos training never did.
+  """
   entries = quickstart_entries()
+  if not 0 <= holdout < len(entries):
+    raise ValueError(f"holdout must be in [0, {len(entries)}), got {holdout}")
+  if holdout:
+    entries = entries[:-holdout] if train else entries[-holdout:]
   return _unpaired_source("quickstart", [e["path"] for e in entries],
                           [e["caption"] for e in entries], min_size=min_size, validate=validate,
                           memory_budget=256 << 20)
@@ -422,11 +441,13 @@ def source_from_config(cfg, *, train: bool) -> Source:
     return value
 
   if kind == "quickstart":
-    return quickstart_source(min_size=min_size, validate=validate)
+    return quickstart_source(min_size=min_size, validate=validate,
+                             holdout=int(get("holdout", 0) or 0), train=train)
   if kind == "folder":
     root = get("val_root", None) if not train else None
     return folder_source(root or need("root"), min_size=min_size, validate=validate,
-                         memory_budget=int(get("memory_budget", 256 << 20)))
+                         memory_budget=int(get("memory_budget", 256 << 20)),
+                         captions=get("captions", "") or "")
   if kind == "universal":
     split = get("split", "train") if train else get("val_split", "val")
     return universal_source(need("root"), split, min_size=min_size, validate=validate,

@@ -119,6 +119,34 @@ def quantize(image, seed):
   return deg.quantize(image), deg.no_words()
 
 
+def low_light(image, seed, *, gamma_range=(1.8, 3.0), gain_range=(0.25, 0.6)):
+  """Under-exposure: gain · image^γ with γ and the gain drawn uniformly (a dark, low-contrast
+  photo; the synthetic stand-in for the universal set's "low-light" task). Adds no word."""
+  import tensorflow as tf
+
+  image = deg._as_image(image)
+  s = tf.random.experimental.stateless_split(seed, 2)
+  gamma = tf.random.stateless_uniform([], s[0], *gamma_range)
+  gain = tf.random.stateless_uniform([], s[1], *gain_range)
+  return gain * tf.pow(tf.clip_by_value(image, 0.0, 1.0), gamma), deg.no_words()
+
+
+def haze(image, seed, *, beta_range=(1.0, 2.2), airlight_range=(0.75, 0.95)):
+  """Atmospheric scattering I = J t + A (1 − t), t = exp(−β d), with a depth d growing from the
+  bottom (near, 0.3) to the top (far, 1.0) of the crop, β and the airlight A drawn uniformly (the
+  stand-in for the "hazy" task). Adds no word."""
+  import tensorflow as tf
+
+  image = deg._as_image(image)
+  s = tf.random.experimental.stateless_split(seed, 2)
+  beta = tf.random.stateless_uniform([], s[0], *beta_range)
+  airlight = tf.random.stateless_uniform([], s[1], *airlight_range)
+  h = tf.shape(image)[0]
+  depth = 1.0 - 0.7 * tf.linspace(0.0, 1.0, h)[:, None, None]
+  t = tf.exp(-beta * depth)
+  return image * t + airlight * (1.0 - t), deg.no_words()
+
+
 register("blur")(deg.random_blur)
 register("resize")(deg.random_resize)
 register("noise")(deg.random_noise)
@@ -127,6 +155,8 @@ register("poisson_noise")(_with_word(deg.add_poisson_noise, deg.NOISE))
 register("jpeg")(deg.random_jpeg)
 register("udc")(udc)
 register("quantize")(quantize)
+register("low_light")(low_light)
+register("haze")(haze)
 register("wild")(deg.random_degrade)
 
 

@@ -54,9 +54,24 @@ def _assert_bit_equal(a, b, what):
       assert np.array_equal(np.asarray(x), np.asarray(y)), f"{what}: {name} differs"
 
 
+def _assert_close(a, b, what):
+  """Equal up to the order of floating-point reductions (another all-reduce): parameters within
+  2e-7 absolute (three AdamW steps of lr 2e-4 each move them up to ~1e-4), Adam's moments within
+  1e-5 of their leaf's scale (the bounds of tests/test_parallel.py)."""
+  assert int(a["step"]) == int(b["step"])
+  for name in ("params", "ema", "opt", "rest"):
+    for x, y in zip(jax.tree.leaves(a[name]), jax.tree.leaves(b[name]), strict=True):
+      x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+      if not x.size:
+        continue
+      tol = 2e-7 if name != "opt" else 1e-5 * max(float(np.max(np.abs(y))), 1e-30)
+      assert float(np.max(np.abs(x - y))) <= tol, f"{what}: {name} {x.shape}"
+
+
 def _steps(workdir):
-  return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints",
-                                                                          "[0-9]*")))
+  """Committed checkpoint steps (a killed save leaves `<step>.orbax-checkpoint-tmp`)."""
+  names = (os.path.basename(p) for p in glob.glob(os.path.join(workdir, "checkpoints", "*")))
+  return sorted(int(n) for n in names if n.isdigit())
 
 
 # ---- Every config -------------------------------------------------------------------------------
@@ -295,7 +310,9 @@ def test_two_processes_equal_one_process_with_as_many_devices(tmp_path):
   assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
   assert "2 process(es)" in outs[0] and "over 8 cpu device(s)" in outs[0]
   config = importlib.import_module("configs.irsde").get_config("tiny")
-  _assert_bit_equal(_saved_state(config, two, 3), _saved_state(config, one, 3), "2 x 4 vs 1 x 8")
+  # Same program over the same 8 devices; only the cross-process all-reduce (gloo) sums in
+  # another order than the in-process one, so equal up to rounding, not bit for bit.
+  _assert_close(_saved_state(config, two, 3), _saved_state(config, one, 3), "2 x 4 vs 1 x 8")
 
 
 def test_parallel_batch_helpers_reject_bad_sizes():

@@ -88,3 +88,35 @@ def abstract_like(state: Any) -> Any:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
 
   return jax.tree.map(spec, state)
+
+
+def _plain_variables(tree: Any) -> Any:
+  """An nnx.State as orbax stores it ({..., name: {"value": array}}) -> {..., name: array}."""
+  if isinstance(tree, dict):
+    if set(tree) == {"value"}:
+      return tree["value"]
+    return {k: _plain_variables(v) for k, v in tree.items()}
+  return tree
+
+
+def read_training_run(workdir: str, step: int | None = None) -> tuple[dict, dict]:
+  """(config, state) of a training run of ours: `config.json` as a dict, and the checkpoint
+  `step` (default: the latest) as plain nested dicts of arrays ({"params", "rest", "ema", ...}),
+  read without knowing the model. For loading trained models (e.g. a DA-CLIP run's controller)."""
+  import json
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{workdir}: not a training run (no config.json)")
+  with open(path) as f:
+    config = json.load(f)
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{workdir}: no checkpoint yet")
+    state = manager.restore(step, args=ocp.args.StandardRestore())
+  finally:
+    manager.close()
+  return config, _plain_variables(state)
+

@@ -31,13 +31,17 @@ def _gather(x: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
 
 
 def clip_loss(image_features: jax.Array, text_features: jax.Array, logit_scale: jax.Array, *,
-              axis_name: str | None = None) -> jax.Array:
-  """Symmetric CLIP InfoNCE: (CE(s I T^T, diag) + CE(s T I^T, diag)) / 2, s = exp(logit_scale).
+              axis_name: str | None = None, groups: jax.Array | None = None) -> jax.Array:
+  """Symmetric CLIP InfoNCE: (CE(s I T^T, targets) + CE(s T I^T, targets)) / 2, s = exp(scale).
 
   Args:
     image_features, text_features: [B, E], already L2-normalised (B local under `axis_name`).
     logit_scale: scalar temperature in log space (the model's `logit_scale` parameter).
     axis_name: mapped axis inside shard_map/pmap; None for a single program over the full batch.
+    groups: optional int [B]: samples with equal group ids are each other's positives (targets
+      spread uniformly over the row's positives) instead of negatives. With ten degradation words
+      in a batch of hundreds, the reference's one-hot targets make most same-text pairs false
+      negatives. None (or all-distinct ids) gives the standard one-hot InfoNCE.
 
   Returns:
     Scalar float32 loss, the mean over the global batch.
@@ -53,10 +57,17 @@ def clip_loss(image_features: jax.Array, text_features: jax.Array, logit_scale: 
   labels = offset + jnp.arange(img.shape[0])
   logits_per_image = scale * img @ all_txt.T  # [B, N]
   logits_per_text = scale * txt @ all_img.T  # [B, N]
+  if groups is None:
+    targets = jax.nn.one_hot(labels, all_img.shape[0], dtype=jnp.float32)
+  else:
+    if groups.shape != img.shape[:1]:
+      raise ValueError(f"groups must be [B]={img.shape[:1]}, got {groups.shape}")
+    all_groups, _ = _gather(groups, axis_name)
+    same = (groups[:, None] == all_groups[None, :]).astype(jnp.float32)
+    targets = same / jnp.sum(same, axis=-1, keepdims=True)
 
   def ce(logits):
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+    return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1))
 
   loss = (ce(logits_per_image) + ce(logits_per_text)) / 2
   if axis_name is not None:
@@ -66,19 +77,21 @@ def clip_loss(image_features: jax.Array, text_features: jax.Array, logit_scale: 
 
 def daclip_loss(image_features: jax.Array, text_features: jax.Array,
                 image_degra_features: jax.Array, text_degra_features: jax.Array,
-                logit_scale: jax.Array, *,
-                axis_name: str | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                logit_scale: jax.Array, *, axis_name: str | None = None,
+                degradation_groups: jax.Array | None = None
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """DA-CLIP loss = caption contrastive + degradation contrastive, weight 1 each (spec §1.7).
 
   Both terms share the temperature. Duplicate degradation texts in a batch stay as negatives, as in
-  the reference.
+  the reference, unless `degradation_groups` (int [B], equal for equal texts) makes them each
+  other's positives in the degradation term (see `clip_loss`).
 
   Returns:
     (total, {"contrastive": ..., "degradation": ...}), scalars.
   """
   contrastive = clip_loss(image_features, text_features, logit_scale, axis_name=axis_name)
   degradation = clip_loss(image_degra_features, text_degra_features, logit_scale,
-                          axis_name=axis_name)
+                          axis_name=axis_name, groups=degradation_groups)
   return contrastive + degradation, {"contrastive": contrastive, "degradation": degradation}
 
 

@@ -314,9 +314,14 @@ def load_daclip(path_or_state_dict: str | os.PathLike | StateDict,
   numpy globals in the pickle): only `state_dict` is used; "module." is stripped when the first key
   has it; the duplicate `visual.*` alias keys are ignored (they equal `clip.visual.*`).
 
+  A directory is read as a DA-CLIP training run of ours (`uir-jax train` with the daclip trainer):
+  its config names the architecture and its latest checkpoint's EMA the controller.
+
   Args:
     config_name: "ViT-B-32" | "ViT-L-14" (or "daclip_..."), a CLIPConfig, or None to infer it.
   """
+  if isinstance(path_or_state_dict, (str, os.PathLike)) and os.path.isdir(path_or_state_dict):
+    return _load_daclip_run(os.fspath(path_or_state_dict))
   sd = unwrap_checkpoint(_read(path_or_state_dict))
   config = (infer_config(sd, prefix="clip.") if config_name is None
             else _named_config(config_name, None))
@@ -325,6 +330,26 @@ def load_daclip(path_or_state_dict: str | os.PathLike | StateDict,
   _check_present(sd, daclip_keys(config), what)
   flat = convert(sd, daclip_rules(), param_shapes(abstract), ignore=DACLIP_IGNORE, what=what)
   return _build(DaCLIP, config, flat)
+
+
+def _load_daclip_run(workdir: str) -> DaCLIP:
+  """The DA-CLIP of one of our training runs: frozen CLIP and trained controller (EMA)."""
+  from uir_jax.checkpoint import read_training_run
+  from uir_jax.models.clip import get_config
+  from uir_jax.models.daclip import TRAINABLE
+
+  config, state = read_training_run(workdir)
+  if config.get("trainer") != "daclip":
+    raise ConversionError(f"{workdir}: a {config.get('trainer')!r} run, not a DA-CLIP one")
+  abstract = nnx.eval_shape(lambda: DaCLIP(get_config(config["clip"]["arch"]),
+                                           rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(abstract, TRAINABLE, ...)
+  try:
+    nnx.replace_by_pure_dict(params, state["ema"])
+    nnx.replace_by_pure_dict(rest, state["rest"])
+  except (KeyError, ValueError) as e:
+    raise ConversionError(f"{workdir}: checkpoint does not match its config: {e}") from e
+  return nnx.merge(graphdef, params, rest)
 
 
 __all__ = [

@@ -9,6 +9,7 @@ from collections.abc import Callable
 TRAINERS = {
     "irsde": "uir_jax.train.irsde",
     "nafnet": "uir_jax.train.nafnet",
+    "daclip": "uir_jax.train.daclip",
 }
 
 

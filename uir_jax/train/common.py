@@ -27,7 +27,8 @@ def example_keys(key: jax.Array, index: jax.Array) -> jax.Array:
 def load_frozen_daclip(cfg: ml_collections.ConfigDict, seed: int) -> tuple[Any, Any] | None:
   """(graphdef, state) of the DA-CLIP named by `cfg.checkpoint`, or None if it is empty.
 
-  `cfg.checkpoint`: a released `.pt`, its `uir-jax convert` `.safetensors`, or
+  `cfg.checkpoint`: a released `.pt`, its `uir-jax convert` `.safetensors`, the workdir of one
+  of our DA-CLIP training runs, or
   "random:<CLIP config>" (e.g. "random:tiny": random weights from `seed`, for tests and
   benchmarks; embeddings of a random DA-CLIP carry no information about the image).
   """
@@ -44,8 +45,8 @@ def load_frozen_daclip(cfg: ml_collections.ConfigDict, seed: int) -> tuple[Any, 
 
     from uir_jax.convert.clip import load_daclip
 
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"daclip.checkpoint: no such file {path!r}")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"daclip.checkpoint: no such file or training run {path!r}")
     model = load_daclip(path)
   graphdef, state = nnx.split(model)
   return graphdef, state

@@ -69,6 +69,12 @@ class Stage:
     eval_keys: the batch fields evaluation reads.
     load_params: path -> nnx.State of trainable parameters (for `config.init_from`), or None.
     post_update: params -> params applied after every optimizer update (e.g. a clamp), or None.
+    initial_state: () -> (params, rest) replacing the random init of a fresh run (e.g. a
+      pretrained CLIP under a new controller), or None. Loaded on the host, then sharded.
+    prepare: host-side numpy batch -> numpy batch before it goes to the devices (e.g. text
+      tokenisation), or None.
+    strategies: the step strategies the loss supports (a loss that needs the whole global batch,
+      like a contrastive one, is "jit" only).
   """
 
   name: str
@@ -83,6 +89,9 @@ class Stage:
   eval_keys: tuple[str, ...] = ()
   load_params: Callable[[str], Any] | None = None
   post_update: Callable[[Any], Any] | None = None
+  initial_state: Callable[[], tuple[Any, Any]] | None = None
+  prepare: Callable[[dict], dict] | None = None
+  strategies: tuple[str, ...] = parallel.STRATEGIES
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -258,6 +267,20 @@ def to_host(x: Any) -> np.ndarray:
   return np.asarray(x)
 
 
+def resolve_total_steps(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """total_steps = -1: ceil(num_epochs x training items / batch_size)."""
+  from input_pipeline import readers
+
+  if config.num_epochs <= 0:
+    raise ValueError("total_steps <= 0 needs num_epochs > 0 (steps = epochs x items / batch)")
+  items = readers.source_from_config(config.data, train=True).num_items
+  config = ml_collections.ConfigDict(config.to_dict())  # a copy: the caller's stays as given
+  config.total_steps = -(-config.num_epochs * items // config.batch_size)
+  logging.info("total_steps = %d (%d epochs of %d items)", config.total_steps, config.num_epochs,
+               items)
+  return config
+
+
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -288,6 +311,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   from input_pipeline import pipelines
 
   parallel.initialize_distributed(config.distributed)
+  if config.total_steps <= 0:
+    config = resolve_total_steps(config)
   write_config(config, workdir)
   mesh = parallel.make_mesh(config.mesh)
   strategy = config.strategy
@@ -295,6 +320,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError(f"strategy must be one of {parallel.STRATEGIES}, got {strategy!r}")
   local_batch = parallel.local_batch_size(config.batch_size, mesh)
   stage = make_stage(config)
+  if strategy not in stage.strategies:
+    raise ValueError(f"the {stage.name} trainer supports strategy {stage.strategies}, got "
+                     f"{strategy!r}")
   quiet = jax.process_index() > 0
 
   # ---- State, created sharded; then resume -> init_from -> scratch -------------------------------
@@ -313,9 +341,19 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       raise ValueError(f"init_from is set, but the {stage.name} stage cannot load parameters")
     loaded = stage.load_params(config.init_from)
     check_same_structure(loaded, state["params"], f"init_from {config.init_from}")
-    params = parallel.place(jax.tree.map(jnp.asarray, loaded), shardings["params"])
+    params = parallel.place(jax.device_get(loaded), shardings["params"])
     state = dict(state, params=params, ema=jax.tree.map(jnp.copy, params))
     origin = f"parameters from {config.init_from}"
+  elif stage.initial_state is not None:
+    params, rest = stage.initial_state()
+    check_same_structure(params, state["params"], f"{stage.name} initial parameters")
+    # Through host copies: a pretrained model may share one array between several variables
+    # (DA-CLIP's controller starts as a copy of the CLIP tower), and a donated step must not
+    # receive the same buffer twice.
+    params = parallel.place(jax.device_get(params), shardings["params"])
+    rest = parallel.place(jax.device_get(rest), shardings["rest"])
+    state = dict(state, params=params, rest=rest, ema=jax.tree.map(jnp.copy, params))
+    origin = "pretrained initial state"
   else:
     origin = f"fresh init (seed {config.seed})"
   first_step = int(state["step"]) + 1
@@ -341,6 +379,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   key = step_key(config.seed)
 
   def select(batch, keys):
+    if stage.prepare is not None:
+      batch = stage.prepare(batch)
     out = {k: batch[k] for k in keys}
     if "index" in out:  # global example indices (int64 on the host) as int32 for fold_in
       out["index"] = (np.asarray(out["index"]) % (2**31 - 1)).astype(np.int32)
@@ -350,8 +390,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   eval_batch = None
   if stage.evaluate is not None:
     eval_local = config.eval_batch // jax.process_count()
+    # One pass over the held-out split (centre crops), or with `eval_augment` a batch drawn like
+    # the training ones (random crops and degradations) from it: small held-out sets of photos.
     stream = pipelines.from_config(config.data, batch_size=eval_local, seed=config.seed + 1,
-                                   train=False, process_index=jax.process_index(),
+                                   train=bool(config.data.eval_augment), split="eval",
+                                   process_index=jax.process_index(),
                                    process_count=jax.process_count())
     eval_batch = select(next(iter(stream)), stage.eval_keys)
 

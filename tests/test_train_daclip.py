@@ -1,0 +1,197 @@
+"""DA-CLIP controller trainer: sharded loss and gradients equal one device's, same-text positives,
+the frozen CLIP stays frozen, the exact no-op start, and a tiny run learns the degradations (zero-
+shot accuracy on held-out photos well above chance) in standard and robust mode."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import common, daclip_vitb32, daclip_vitl14_wild
+from uir_jax import losses, parallel
+from uir_jax.models.daclip import TRAINABLE
+from uir_jax.train import daclip, loop
+
+
+def _tiny(**contrastive):
+  config = daclip_vitb32.get_config("tiny")
+  with config.unlocked():
+    config.contrastive.update(contrastive)
+  return config
+
+
+def _batch(stage, n=16):
+  r = np.random.default_rng(0)
+  names = [name for name, _ in common.SYNTHETIC_TASKS]
+  host = {"clip_lq": r.normal(0, 1, (n, 32, 32, 3)).astype(np.float32),
+          "clip_gt": r.normal(0, 1, (n, 32, 32, 3)).astype(np.float32),
+          "caption": np.asarray([f"a photo number {i % 5}".encode() for i in range(n)]),
+          "degradation": np.asarray([names[i % 3].encode() for i in range(n)]),
+          "index": np.arange(n)}
+  return {k: v for k, v in stage.prepare(host).items() if k in stage.batch_keys}
+
+
+def _initial(stage):
+  graphdef, init = loop.init_state_fn(stage)
+  state = jax.jit(init)()
+  params, rest = stage.initial_state()
+  return graphdef, dict(state, params=params, rest=rest)
+
+
+def test_sharded_contrastive_loss_and_gradients_equal_one_device():
+  config = _tiny(same_text_positives=True, robust=True)
+  with config.unlocked():
+    config.data.clip_gt = True
+  stage = daclip.make_stage(config)
+  graphdef, state = _initial(stage)
+  batch = _batch(stage)
+
+  def value_and_grad(params, rest, batch):
+    f = lambda p: stage.loss_fn(nnx.merge(graphdef, p, rest), batch, None, None)[0]
+    return jax.value_and_grad(f)(params)
+
+  want = jax.jit(value_and_grad)(state["params"], state["rest"], batch)
+  for shape in [(8, 1), (2, 4)]:
+    mesh = parallel.make_mesh(shape)
+    sh = parallel.shardings_for(jax.eval_shape(lambda: state), mesh, 256)
+    fn = jax.jit(value_and_grad, in_shardings=(sh["params"], sh["rest"],
+                                               parallel.batch_sharding(mesh)))
+    got = fn(parallel.place(state["params"], sh["params"]),
+             parallel.place(state["rest"], sh["rest"]), parallel.host_to_global(batch, mesh))
+    # fp32, reductions in another order: 1e-6 relative on the loss, and every gradient entry
+    # within 1e-5 of the largest gradient (some leaves are ~0, pure rounding noise). A loss that
+    # saw only one shard's negatives is off by O(1) of the gradient scale.
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
+    scale = max(float(np.max(np.abs(b))) for b in jax.tree.leaves(want[1]))
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+      assert float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) <= 1e-5 * scale
+
+
+def _reference_info_nce(img, txt, scale, groups):
+  """Independent NumPy form: row i's targets spread over the samples sharing its group."""
+  def side(a, b):
+    logits = scale * a @ b.T
+    logits = logits - logits.max(axis=1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    total = 0.0
+    for i in range(len(a)):
+      pos = [j for j in range(len(a)) if groups[j] == groups[i]]
+      total += -np.mean([logp[i, j] for j in pos])
+    return total / len(a)
+
+  return (side(img, txt) + side(txt, img)) / 2
+
+
+def test_same_text_positives_on_a_hand_made_batch():
+  r = np.random.default_rng(3)
+  img = r.normal(size=(6, 8))
+  txt = r.normal(size=(6, 8))
+  img /= np.linalg.norm(img, axis=1, keepdims=True)
+  txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+  groups = np.asarray([0, 1, 0, 2, 1, 0])  # "noisy", "hazy", "noisy", "blurry", "hazy", "noisy"
+  got = losses.clip_loss(jnp.asarray(img, jnp.float32), jnp.asarray(txt, jnp.float32),
+                         jnp.log(10.0), groups=jnp.asarray(groups))
+  np.testing.assert_allclose(float(got), _reference_info_nce(img, txt, 10.0, groups), rtol=1e-5)
+  # Distinct ids are the reference's one-hot InfoNCE; duplicates change the loss.
+  plain = losses.clip_loss(jnp.asarray(img, jnp.float32), jnp.asarray(txt, jnp.float32),
+                           jnp.log(10.0))
+  distinct = losses.clip_loss(jnp.asarray(img, jnp.float32), jnp.asarray(txt, jnp.float32),
+                              jnp.log(10.0), groups=jnp.arange(6))
+  np.testing.assert_allclose(float(distinct), float(plain), rtol=1e-6)
+  np.testing.assert_allclose(float(plain), _reference_info_nce(img, txt, 10.0, np.arange(6)),
+                             rtol=1e-5)
+  assert abs(float(got) - float(plain)) > 1e-3
+
+
+def test_frozen_clip_stays_frozen_and_the_exact_start_is_a_no_op():
+  config = _tiny()
+  with config.unlocked():
+    config.clip.exact_noop_start = True
+  stage = daclip.make_stage(config)
+  graphdef, state = _initial(stage)
+  batch = _batch(stage)
+  model = nnx.merge(graphdef, state["params"], state["rest"])
+  images = jnp.asarray(batch["clip_lq"])
+  content, _ = model.encode_image(images, control=True)
+  plain = model.encode_image(images, control=False)
+  np.testing.assert_allclose(np.asarray(content), np.asarray(plain), atol=1e-5)
+  step = jax.jit(lambda s, b: loop.make_train_step(graphdef, stage, 0.0)(s, b, None,
+                                                                         loop.step_key(0), None))
+  before = jax.device_get(state)
+  for _ in range(2):
+    state, metrics = step(state, batch)
+  after = jax.device_get(state)
+  for a, b in zip(jax.tree.leaves(after["rest"]), jax.tree.leaves(before["rest"]), strict=True):
+    assert np.array_equal(a, b)  # the whole frozen CLIP, bit for bit
+  moved = [np.max(np.abs(a - b)) for a, b in zip(jax.tree.leaves(after["params"]),
+                                                 jax.tree.leaves(before["params"]), strict=True)]
+  assert max(moved) > 0  # the controller trained
+  # The reference's initialisation quirk is not a no-op (zero_modules[0] holds ln_post).
+  quirk = daclip.make_stage(_tiny())
+  g2, s2 = _initial(quirk)
+  m2 = nnx.merge(g2, s2["params"], s2["rest"])
+  assert not np.allclose(np.asarray(m2.encode_image(images, control=True)[0]),
+                         np.asarray(m2.encode_image(images, control=False)), atol=1e-3)
+  # logit_scale is clamped to [0, ln 100] after each update.
+  big = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 10.0 if jax.tree_util.keystr(p) == "['logit_scale']" else x,
+      after["params"])
+  clamped = stage.post_update(big)
+  assert float(clamped["logit_scale"][...]) == pytest.approx(float(losses.LOGIT_SCALE_MAX))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("robust", [False, True], ids=["standard", "robust"])
+def test_tiny_run_learns_the_degradations_of_held_out_photos(robust, tmp_path):
+  config = _tiny(same_text_positives=True, robust=robust)
+  with config.unlocked():
+    config.data.clip_gt = robust
+    config.data.eval_augment = True
+    config.total_steps = 120
+    config.batch_size = 32
+    config.eval_batch = 96
+    config.eval_every = 120
+    config.checkpoint_every = 120
+    config.log_every = 40
+    config.optimizer.lr = 2e-3
+    config.optimizer.warmup_steps = 5
+  before = daclip.train_and_evaluate(_with(config, total_steps=1, eval_every=1),
+                                     str(tmp_path / "zero"))
+  result = daclip.train_and_evaluate(config, str(tmp_path / "wd"))
+  chance = 1 / len(common.SYNTHETIC_TASKS)
+  # Six degradations of two photos training never saw: well above chance after 120 steps.
+  assert result["eval/degradation_accuracy"] >= 2.5 * chance, (before, result)
+  assert result["eval/degradation_accuracy"] > before["eval/degradation_accuracy"] + 0.2
+
+
+def _with(config, **overrides):
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.update(overrides)
+  return config
+
+
+@pytest.mark.slow
+def test_wild_tiny_trains_saves_resumes_and_its_controller_conditions_a_restorer(tmp_path):
+  config = daclip_vitl14_wild.get_config("tiny")
+  workdir = str(tmp_path / "wild")
+  result = daclip.train_and_evaluate(config, workdir)
+  assert result["step"] == config.total_steps and "eval/degradation_accuracy" in result
+  assert len(config.eval.words) == 16 and "" in config.eval.words
+  again = daclip.train_and_evaluate(config, workdir)  # resumes: nothing left to do
+  assert again["step"] == config.total_steps
+  # The trained DA-CLIP (its workdir) loads through load_daclip and conditions the IR-SDE stage.
+  from configs import irsde_daclip_universal
+  from uir_jax.convert.clip import load_daclip
+  from uir_jax.train import irsde
+
+  model = load_daclip(workdir)
+  saved = nnx.state(model, TRAINABLE)
+  assert jax.tree.leaves(saved)
+  r = irsde_daclip_universal.get_config("tiny")
+  with r.unlocked():
+    r.daclip.checkpoint = workdir
+    r.total_steps = 1
+  out = irsde.train_and_evaluate(r, str(tmp_path / "restorer"))
+  assert out["step"] == 1 and np.isfinite(out["eval/psnr_restored"])
