@@ -54,7 +54,7 @@ def data_config(source: str, **overrides) -> ml_collections.ConfigDict:
   d.root = ""  # folder / universal: the data root
   d.csv_path = ""  # csv: DA-CLIP's captions file
   d.captions = ""  # folder: optional JSON {relative path: caption} (DA-CLIP on clean photos)
-  d.holdout = 0  # quickstart: the last N photos are the evaluation split, never trained on
+  d.holdout = ()  # quickstart: names of photos that form the evaluation split, never trained on
   d.eval_augment = False  # evaluate on a training-like batch (random crops) of the eval split
   d.split = "train"  # universal: the training split folder
   d.val_split = "val"
@@ -74,6 +74,7 @@ def data_config(source: str, **overrides) -> ml_collections.ConfigDict:
   # example's degradation text (a synthetic universal set from clean photos)
   d.tasks = ()
   d.clip_gt = False  # add the CLIP view of the GT (DA-CLIP's robust term)
+  d.clip_size = 224  # side of the CLIP views: the CLIP's input size (224 for released models)
   d.degrade_probs = ml_collections.ConfigDict()  # overrides of the chain's parameters
   d.update(overrides)
   return d
@@ -142,6 +143,10 @@ def daclip_eval_config(words) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(words=tuple(words)))
 
 
+# Held-out quickstart photos (textured, so few flat crops) for the runs that evaluate on photos
+# training never saw.
+QUICKSTART_HOLDOUT = ("chelsea", "coffee")
+
 # Distinguishable synthetic degradations of clean photos, named with the universal set's words
 # where they match (spec §3.2): the quickstart's set and the DA-CLIP tests' data.
 SYNTHETIC_TASKS = (
@@ -196,6 +201,7 @@ def shrink_for_tests(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.source = "quickstart"
   c.data.root = ""
   c.data.patch_size = 32
+  c.data.clip_size = 32  # the tiny CLIP's input size
   if c.daclip.checkpoint:
     c.daclip.checkpoint = "random:tiny"
     c.model.context_dim = 64  # the tiny CLIP's embedding width

@@ -37,7 +37,7 @@ def get_config(arg: str | None = None):
     common.shrink_for_tests(c)
     c.clip.arch, c.clip.checkpoint = "tiny", "random:tiny"
     c.data.tasks = common.SYNTHETIC_TASKS
-    c.data.holdout = 2
+    c.data.holdout = common.QUICKSTART_HOLDOUT
     c.eval.words = tuple(name for name, _ in common.SYNTHETIC_TASKS)
     c.optimizer.warmup_steps = 1
   return c

@@ -47,6 +47,6 @@ def get_config(arg: str | None = None):
     common.shrink_for_tests(c)
     c.clip.arch, c.clip.checkpoint = "tiny", "random:tiny"
     c.data.captions = ""
-    c.data.holdout = 2
+    c.data.holdout = common.QUICKSTART_HOLDOUT
     c.optimizer.warmup_steps = 1
   return c

@@ -126,8 +126,10 @@ def _pil_pass(x, in_size: int, out_size: int, axis: int):
   return tf.transpose(y, [1, 0, 2]) if axis == 1 else y
 
 
-def clip_image(lq):
-  """LQ [H, W, 3] in [0, 1] -> CLIP input [224, 224, 3]: the reference's `clip_transform`.
+def clip_image(lq, size: int = CLIP_SIZE):
+  """LQ [H, W, 3] in [0, 1] -> CLIP input [size, size, 3]: the reference's `clip_transform`.
+
+  (`size` is 224 for every released CLIP; smaller CLIPs, e.g. the quickstart's, take their own.)
 
   8-bit image, PIL bicubic resize of the shortest side to 224 (antialiased, rounded and clamped to
   8 bits after each pass, horizontal pass first when the height does not shrink much more than
@@ -147,17 +149,17 @@ def clip_image(lq):
   h, w = lq.shape[0], lq.shape[1]
   x = tf.round(tf.clip_by_value(lq, 0.0, 1.0) * 255.0)
   if h is None or w is None:
-    x = tf.image.resize(x[None], [CLIP_SIZE, CLIP_SIZE], method="bicubic", antialias=True)[0]
+    x = tf.image.resize(x[None], [size, size], method="bicubic", antialias=True)[0]
     x = tf.round(tf.clip_by_value(x, 0.0, 255.0))
   else:
-    new_h, new_w = shortest_side_size(h, w, CLIP_SIZE)
+    new_h, new_w = shortest_side_size(h, w, size)
     if vertical_first(h, w, new_h, new_w):
       x = _pil_pass(_pil_pass(x, h, new_h, 0), w, new_w, 1)
     else:
       x = _pil_pass(_pil_pass(x, w, new_w, 1), h, new_h, 0)
-    if (new_h, new_w) != (CLIP_SIZE, CLIP_SIZE):
-      top, left = center_crop_offsets(new_h, new_w, CLIP_SIZE)
-      x = x[top:top + CLIP_SIZE, left:left + CLIP_SIZE]
+    if (new_h, new_w) != (size, size):
+      top, left = center_crop_offsets(new_h, new_w, size)
+      x = x[top:top + size, left:left + size]
   return (x / 255.0 - tf.constant(OPENAI_MEAN)) / tf.constant(OPENAI_STD)
 
 
@@ -178,6 +180,7 @@ class PipelineOptions:
   # universal set from clean photos).
   tasks: tuple = ()
   clip_gt: bool = False  # also the CLIP view of the GT ("clip_gt"; DA-CLIP's robust term)
+  clip_size: int = CLIP_SIZE  # side of the CLIP views (the CLIP's input size)
 
 
 def _example_fn(source: readers.Source, opts: PipelineOptions, seed: int, train: bool):
@@ -224,9 +227,9 @@ def _example_fn(source: readers.Source, opts: PipelineOptions, seed: int, train:
            "label": ex["label"] if source.paired or label is None else label,
            "caption": ex["caption"], "degradation": degradation, "index": gidx}
     if opts.clip_lq:
-      out["clip_lq"] = clip_image(lq)
+      out["clip_lq"] = clip_image(lq, opts.clip_size)
     if opts.clip_gt:
-      out["clip_gt"] = clip_image(gt)
+      out["clip_gt"] = clip_image(gt, opts.clip_size)
     return out
 
   return fn
@@ -307,6 +310,7 @@ def options_from_config(cfg) -> PipelineOptions:
       use_flip=bool(get("use_flip", True)), use_rot=bool(get("use_rot", True)),
       clip_lq=bool(get("clip_lq", False)), degrade_probs=dict(probs) if probs else None,
       chain=registry.plain_spec(get("chain", "wild")), clip_gt=bool(get("clip_gt", False)),
+      clip_size=int(get("clip_size", CLIP_SIZE)),
       tasks=tuple((str(name), registry.plain_spec(spec))
                   for name, spec in registry.plain_spec(get("tasks", ()) or ())))
 

@@ -403,18 +403,21 @@ def quickstart_entries() -> list[dict]:
           for e in images]
 
 
-def quickstart_source(*, min_size: int = 0, validate: bool = True, holdout: int = 0,
-                      train: bool = True) -> Source:
+def quickstart_source(*, min_size: int = 0, validate: bool = True,
+                      holdout: Sequence[str] = (), train: bool = True) -> Source:
   """scikit-image's bundled colour photos with our captions, degraded on the fly.
 
-  holdout > 0: the last `holdout` photos form the evaluation split (`train=False`) and the
-  others the training split, so evaluation sees photos training never did.
+  holdout: names of photos that form the evaluation split (`train=False`) while the others form
+  the training split, so evaluation sees photos training never did; () = every photo in both.
   """
   entries = quickstart_entries()
-  if not 0 <= holdout < len(entries):
-    raise ValueError(f"holdout must be in [0, {len(entries)}), got {holdout}")
+  names = [e["name"] for e in entries]
+  unknown = sorted(set(holdout) - set(names))
+  if unknown or len(set(holdout)) >= len(names):
+    raise ValueError(f"holdout must name some (not all) of the quickstart photos {names}, got "
+                     f"{list(holdout)}")
   if holdout:
-    entries = entries[:-holdout] if train else entries[-holdout:]
+    entries = [e for e in entries if (e["name"] in holdout) != train]
   return _unpaired_source("quickstart", [e["path"] for e in entries],
                           [e["caption"] for e in entries], min_size=min_size, validate=validate,
                           memory_budget=256 << 20)
@@ -442,7 +445,7 @@ def source_from_config(cfg, *, train: bool) -> Source:
 
   if kind == "quickstart":
     return quickstart_source(min_size=min_size, validate=validate,
-                             holdout=int(get("holdout", 0) or 0), train=train)
+                             holdout=tuple(get("holdout", ()) or ()), train=train)
   if kind == "folder":
     root = get("val_root", None) if not train else None
     return folder_source(root or need("root"), min_size=min_size, validate=validate,

@@ -115,7 +115,11 @@ def test_frozen_clip_stays_frozen_and_the_exact_start_is_a_no_op():
   images = jnp.asarray(batch["clip_lq"])
   content, _ = model.encode_image(images, control=True)
   plain = model.encode_image(images, control=False)
-  np.testing.assert_allclose(np.asarray(content), np.asarray(plain), atol=1e-5)
+  # Exactly: every injection is a zero matrix, so the frozen blocks add exact zeros. (The
+  # reference's quirk is no exact no-op, though nearly one at the output: its first zero module
+  # adds the same value to every channel of a token, which the final LayerNorm removes up to
+  # ~1e-6; hence exact equality, which tells the two starts apart.)
+  assert np.array_equal(np.asarray(content), np.asarray(plain))
   step = jax.jit(lambda s, b: loop.make_train_step(graphdef, stage, 0.0)(s, b, None,
                                                                          loop.step_key(0), None))
   before = jax.device_get(state)
@@ -127,15 +131,9 @@ def test_frozen_clip_stays_frozen_and_the_exact_start_is_a_no_op():
   moved = [np.max(np.abs(a - b)) for a, b in zip(jax.tree.leaves(after["params"]),
                                                  jax.tree.leaves(before["params"]), strict=True)]
   assert max(moved) > 0  # the controller trained
-  # The reference's initialisation quirk is not a no-op (zero_modules[0] holds ln_post).
-  quirk = daclip.make_stage(_tiny())
-  g2, s2 = _initial(quirk)
-  m2 = nnx.merge(g2, s2["params"], s2["rest"])
-  assert not np.allclose(np.asarray(m2.encode_image(images, control=True)[0]),
-                         np.asarray(m2.encode_image(images, control=False)), atol=1e-3)
   # logit_scale is clamped to [0, ln 100] after each update.
   big = jax.tree_util.tree_map_with_path(
-      lambda p, x: x + 10.0 if jax.tree_util.keystr(p) == "['logit_scale']" else x,
+      lambda p, x: x + 10.0 if "logit_scale" in jax.tree_util.keystr(p) else x,
       after["params"])
   clamped = stage.post_update(big)
   assert float(clamped["logit_scale"][...]) == pytest.approx(float(losses.LOGIT_SCALE_MAX))

@@ -1,8 +1,12 @@
 r"""The `uir-jax` command.
 
   uir-jax train --config configs/irsde_quickstart.py[:variant] --workdir DIR [--config.k=v ...]
-  uir-jax restore --unet universal-ir.pth [--daclip daclip_ViT-B-32.pt] --output_dir OUT IMAGE...
+  uir-jax restore --unet universal-ir.pth [--daclip daclip_ViT-B-32.pt] --output_dir OUT PHOTO...
                   [--num_steps 20] [--tile 512 --tile_overlap 64 | --tile 0]
+  uir-jax restore --model EXPORT_DIR --output_dir OUT PHOTO...   (files, folders, globs)
+  uir-jax export --unet universal-ir.pth [--daclip daclip_ViT-B-32.pt] --out EXPORT_DIR
+                 [--num_steps 20] [--sizes 256x256,512x384] [--platforms cpu,cuda,tpu]
+  uir-jax export --workdir RUN --out EXPORT_DIR [--step N]
   uir-jax convert CHECKPOINT.pt[h] OUT.safetensors [--kind daclip|clip|denoiser|lpips]
   uir-jax eval --unet universal-ir.pth [--daclip daclip_ViT-B-32.pt] --data datasets/universal/val
                [--limit 100] [--lpips lpips_alex.pth] [--dists vgg16.pth] [--fid pt_inception.pth]
@@ -11,7 +15,12 @@ r"""The `uir-jax` command.
 
 Commands:
   train     train the model described by an ml_collections config (see configs/*.py docstrings).
-  restore   restore photos with released (PyTorch) or converted checkpoints; writes OUT/<name>.png.
+  restore   restore photos (files, folders, globs) with released (PyTorch) or converted
+            checkpoints, or with an export (--model); writes OUT/<name>.png, and with a DA-CLIP
+            OUT/<name>.json with the predicted degradation.
+  export    write a self-describing model directory: manifest.json, weights (.safetensors and
+            orbax) and a serialized restore function (jax.export) that runs without torch or the
+            model code; from checkpoints or from a training run (--workdir: its EMA weights).
   eval      restore a paired test set (<data>/<degradation>/{LQ,GT} or <data>/{LQ,GT}), or score
             already restored images (--restored), and report PSNR / SSIM (RGB and luma, 4-px
             border, 8-bit) as the reference's test.py, and LPIPS, DISTS, FID, NIQE per set;
@@ -22,6 +31,7 @@ Commands:
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -47,6 +57,17 @@ flags.DEFINE_enum("mode", "posterior",
                   "mr2-sde / mr3-sde (stochastic variants).")
 flags.DEFINE_integer("num_steps", None, "Posterior steps (default T=100; fewer is faster).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_string("model", None, "restore: an export directory (`uir-jax export`) instead of "
+                    "--unet/--daclip; its sampler and sizes are those it was exported with.")
+# export
+flags.DEFINE_string("out", None, "export: the directory to write (an earlier export there is "
+                    "replaced; any other non-empty directory is refused).")
+flags.DEFINE_string("sizes", None, "export: HxW sizes (e.g. 256x256,512x384) to export fixed-size "
+                    "restore functions for (tiled with --tile); default: one function for any "
+                    "size (whole images, padded to the model's multiple).")
+flags.DEFINE_string("platforms", "cpu,cuda,tpu", "export: platforms the functions are lowered "
+                    "for (cpu, cuda, rocm, tpu).")
+flags.DEFINE_integer("step", None, "export --workdir: the checkpoint step (default: the latest).")
 # eval
 flags.DEFINE_string("data", None, "eval: test set root, <data>/<degradation>/{LQ,GT} or "
                     "<data>/{LQ,GT}.")
@@ -83,8 +104,8 @@ def _train(argv):
   del argv
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError("train needs --config and --workdir")
-  _hide_accelerators_from_tf()
-  _log_to_files(FLAGS.workdir)
+  log_dir = _log_to_files(FLAGS.workdir)
+  _hide_accelerators_from_tf(os.path.join(log_dir, "tensorflow.log"))
   from uir_jax.train import loop
 
   result = loop.train_main(FLAGS.config, FLAGS.workdir)
@@ -94,7 +115,7 @@ def _train(argv):
     sys.exit(143)  # stopped early (SIGTERM / preemption): not finished, resumable
 
 
-def _log_to_files(workdir: str) -> None:
+def _log_to_files(workdir: str) -> str:
   """Library chatter (absl INFO from orbax, clu, JAX) goes to `<workdir>/logs/`; the console keeps
   our progress lines and warnings."""
   import os
@@ -105,12 +126,33 @@ def _log_to_files(workdir: str) -> None:
   FLAGS.alsologtostderr = False
   FLAGS.logtostderr = False
   FLAGS.stderrthreshold = "warning"
+  return log_dir
 
 
-def _hide_accelerators_from_tf():
+def _import_tensorflow_quietly(log_path: str | None = None):
+  """Imports TensorFlow with the C++ start-up notices it prints straight to the terminal (oneDNN,
+  CPU features; they ignore TF_CPP_MIN_LOG_LEVEL) sent to `log_path` instead."""
+  import os
+
+  if log_path is None:
+    import tensorflow as tf
+
+    return tf
+  saved = os.dup(2)
+  with open(log_path, "a") as log:
+    os.dup2(log.fileno(), 2)
+    try:
+      import tensorflow as tf
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+  return tf
+
+
+def _hide_accelerators_from_tf(log_path: str | None = None):
   """tf.data must not grab GPU memory that JAX needs (big_vision does the same)."""
   try:
-    import tensorflow as tf
+    tf = _import_tensorflow_quietly(log_path)
 
     tf.config.set_visible_devices([], "GPU")
   except ImportError:
@@ -196,38 +238,209 @@ def _eval(argv):
     fail("no image pair could be evaluated")
 
 
+PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm",
+                    ".pgm", ".pnm", ".jp2")
+
+
+def _one_line(message) -> str:
+  return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def _list_photos(inputs: list[str], fail) -> list[str]:
+  """Files, folders (the photos directly inside, by extension) and globs -> photo paths, in order
+  and without repeats; an input that names nothing fails the command before any model loads."""
+  import glob
+  import os
+
+  photos, problems = [], []
+  for item in inputs:
+    if os.path.isdir(item):
+      found = sorted(os.path.join(item, f) for f in os.listdir(item)
+                     if f.lower().endswith(PHOTO_EXTENSIONS)
+                     and os.path.isfile(os.path.join(item, f)))
+      if not found:
+        problems.append(f"no photos ({', '.join(PHOTO_EXTENSIONS[:3])}, ...) in folder {item}")
+    elif os.path.isfile(item):
+      found = [item]
+    elif glob.has_magic(item):
+      found = sorted(p for p in glob.glob(item) if os.path.isfile(p))
+      if not found:
+        problems.append(f"no file matches {item}")
+    else:
+      found = []
+      problems.append(f"not found: {item}")
+    photos.extend(p for p in found if p not in photos)
+  if problems:
+    fail("; ".join(problems))
+  return photos
+
+
 def _restore(argv):
-  paths = argv[1:]
-  if FLAGS.unet is None or not paths:
-    raise app.UsageError("restore needs --unet and at least one image path")
+  def fail(message):
+    # Bad input ends with one line on stderr (exit status 1), never a traceback or usage dump.
+    sys.exit("uir-jax restore: " + _one_line(message))
+
+  inputs = argv[1:]
+  if FLAGS.model and (FLAGS.unet or FLAGS.daclip):
+    fail("give --model (an export) or --unet / --daclip (checkpoints), not both")
+  if not FLAGS.model and FLAGS.unet is None:
+    fail("needs --unet (and --daclip for DA-CLIP-conditioned models) or --model EXPORT_DIR")
+  if not inputs:
+    fail("give the photos to restore: files, folders or globs")
+  import json
   import os
   import time
 
+  missing = [p for p in [FLAGS.unet, FLAGS.daclip] if p and not os.path.exists(p)]
+  if missing:
+    fail(f"file(s) not found: {', '.join(missing)}")
+  photos = _list_photos(inputs, fail)
+  if FLAGS.tile and FLAGS.tile_overlap >= FLAGS.tile:
+    fail(f"--tile_overlap ({FLAGS.tile_overlap}) must be smaller than --tile ({FLAGS.tile})")
+
   import jax
+  import numpy as np
   from PIL import Image
+  from tqdm import tqdm
 
   from uir_jax.photos import read_rgb, to_uint8
 
-  missing = [p for p in [FLAGS.unet, FLAGS.daclip, *paths] if p and not os.path.isfile(p)]
-  if missing:
-    raise app.UsageError(f"file(s) not found: {', '.join(missing)}")
-  restorer = _restorer()
+  words = []
+  if FLAGS.model:
+    baked = [f"--{name}" for name in ("mode", "num_steps", "tile", "tile_overlap", "tile_batch",
+                                      "pad_multiple") if FLAGS[name].present]
+    if baked:
+      fail(f"{', '.join(baked)}: the sampler and sizes are part of the export; export again to "
+           f"change them")
+    from uir_jax.export import ExportError, load_export
+
+    try:
+      model = load_export(FLAGS.model)
+    except ExportError as e:
+      fail(e)
+    words = model.words
+
+    def restore_one(image, seed):
+      emb = model.embed(image[None]) if model.has_daclip else None
+      probs = None if emb is None else np.asarray(emb["probabilities"])[0]
+      return model(image[None], seed, contexts=emb)[0], probs
+  else:
+    try:
+      restorer = _restorer()
+    except Exception as e:  # noqa: BLE001 - a wrong or corrupt checkpoint: say which, one line
+      fail(f"cannot load the checkpoints: {type(e).__name__}: {e}")
+    if restorer.daclip is not None:
+      from uir_jax.preprocess import clip_preprocess
+      from uir_jax.zero_shot import DEGRADATION_WORDS, classify_degradation
+
+      words = list(DEGRADATION_WORDS)
+
+    def restore_one(image, seed):
+      probs = None
+      if restorer.daclip is not None:
+        view = clip_preprocess(image[None], restorer.daclip.config.image_size)
+        probs = np.asarray(classify_degradation(restorer.daclip, view))[0]
+      return restorer(image[None], jax.random.key(seed))[0], probs
+
   os.makedirs(FLAGS.output_dir, exist_ok=True)
-  failed = 0
-  for i, path in enumerate(paths):
+  failed, used = 0, set()
+  start = time.time()
+  bar = tqdm(photos, unit="photo", file=sys.stderr, disable=None, dynamic_ncols=True)
+  for i, path in enumerate(bar):
+    bar.set_postfix_str(os.path.basename(path)[-30:])
+    t0 = time.time()
     try:
       image = read_rgb(path)
-    except Exception as e:  # one unreadable file must not stop the batch
-      logging.error("skipping %s: %s", path, e)
+    except Exception as e:  # noqa: BLE001 - one unreadable file must not stop the batch
+      tqdm.write(f"skipping {path}: cannot read it as an image ({type(e).__name__}: "
+                 f"{_one_line(e)[:200]})", file=sys.stderr)
       failed += 1
       continue
-    t0 = time.time()
-    out = restorer(image[None], jax.random.key(FLAGS.seed + i))
-    dest = os.path.join(FLAGS.output_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
-    Image.fromarray(to_uint8(out[0])).save(dest)
-    print(f"{path} -> {dest} ({image.shape[1]}x{image.shape[0]}, {time.time() - t0:.1f}s)")
+    try:
+      out, probs = restore_one(image, FLAGS.seed + i)
+      out = to_uint8(out)
+    except Exception as e:  # noqa: BLE001 - e.g. too large for an export's sizes, or memory
+      tqdm.write(f"skipping {path}: {type(e).__name__}: {_one_line(e)[:300]}", file=sys.stderr)
+      failed += 1
+      continue
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name, n = stem, 1
+    while name in used:  # same name from two folders: keep both
+      n += 1
+      name = f"{stem}_{n}"
+    used.add(name)
+    dest = os.path.join(FLAGS.output_dir, name + ".png")
+    Image.fromarray(out).save(dest)
+    h, w = image.shape[:2]
+    line = f"{path} -> {dest} ({w}x{h}, {time.time() - t0:.1f}s)"
+    if probs is not None:
+      best = int(np.argmax(probs))
+      line += f"  degradation: {words[best]} ({probs[best]:.2f})"
+      sidecar = {"input": path, "output": dest, "width": w, "height": h,
+                 "degradation": words[best], "probability": float(probs[best]),
+                 "probabilities": {word: float(p) for word, p in zip(words, probs, strict=True)}}
+      with open(os.path.join(FLAGS.output_dir, name + ".json"), "w") as f:
+        json.dump(sidecar, f, indent=1)
+    tqdm.write(line, file=sys.stdout)
+  bar.close()
+  print(f"{len(photos) - failed} image(s) restored, {failed} failed, "
+        f"{time.time() - start:.1f} s (-> {FLAGS.output_dir})")
   if failed:
-    sys.exit(f"{failed} of {len(paths)} image(s) could not be read")
+    fail(f"{failed} of {len(photos)} image(s) could not be read or restored")
+
+
+def _export(argv):
+  def fail(message):
+    sys.exit("uir-jax export: " + _one_line(message))
+
+  if len(argv) > 1:
+    fail(f"takes no positional arguments, got {argv[1:]}")
+  if not FLAGS.out:
+    fail("needs --out DIR (the export directory to write)")
+  if bool(FLAGS.workdir) == bool(FLAGS.unet):
+    fail("give either --unet [--daclip] (checkpoints) or --workdir (a training run of ours)")
+  if FLAGS.workdir and FLAGS.daclip:
+    fail("--workdir exports the run's own DA-CLIP (its config's daclip.checkpoint); drop --daclip")
+  import os
+
+  missing = [p for p in [FLAGS.unet, FLAGS.daclip, FLAGS.workdir] if p and not os.path.exists(p)]
+  if missing:
+    fail(f"not found: {', '.join(missing)}")
+  from uir_jax.export import ExportError, export_checkpoints, export_training_run, parse_sizes
+
+  try:
+    sizes = parse_sizes(FLAGS.sizes) if FLAGS.sizes else None
+  except ValueError as e:
+    fail(f"--sizes: {e}")
+  platforms = [p.strip() for p in FLAGS.platforms.split(",") if p.strip()]
+  unknown = [p for p in platforms if p not in ("cpu", "cuda", "rocm", "tpu")]
+  if unknown or not platforms:
+    fail(f"--platforms: unknown {unknown or 'empty'} (cpu, cuda, rocm, tpu)")
+  if sizes is None and FLAGS["tile"].present and FLAGS.tile:
+    fail("--tile needs --sizes: a function for any size runs whole images")
+  if FLAGS.tile and FLAGS.tile_overlap >= FLAGS.tile:
+    fail(f"--tile_overlap ({FLAGS.tile_overlap}) must be smaller than --tile ({FLAGS.tile})")
+  kwargs = dict(sizes=sizes, tile=(FLAGS.tile or None) if sizes else None,
+                tile_overlap=FLAGS.tile_overlap, tile_batch=FLAGS.tile_batch, platforms=platforms)
+  try:
+    if FLAGS.workdir:
+      for name in ("mode", "num_steps"):  # the run's own evaluation sampler unless asked
+        if FLAGS[name].present:
+          kwargs[name] = FLAGS[name].value
+      manifest = export_training_run(FLAGS.workdir, FLAGS.out, step=FLAGS.step, **kwargs)
+    else:
+      manifest = export_checkpoints(FLAGS.unet, FLAGS.daclip, FLAGS.out, mode=FLAGS.mode,
+                                    num_steps=FLAGS.num_steps, **kwargs)
+  except (ExportError, ValueError, OSError, KeyError) as e:
+    fail(f"{type(e).__name__}: {e}" if not isinstance(e, ExportError) else e)
+  size = sum(f["bytes"] for f in manifest["files"].values())
+  shapes = ", ".join("any size" if f["height"] is None else f"{f['height']}x{f['width']}"
+                     for f in manifest["functions"]["restore"])
+  daclip = "with DA-CLIP" if manifest["daclip"] else "no DA-CLIP"
+  print(f"{FLAGS.out}: {manifest['denoiser']['class']} ({daclip}), {manifest['sampler']['mode']} "
+        f"sampler, {manifest['sampler']['num_steps'] or manifest['sde']['T']} steps, restore "
+        f"function for {shapes} on {', '.join(manifest['platforms'])}; {size / 2**20:.1f} MiB, "
+        f"model {manifest['model_id'][:12]}")
 
 
 def _convert(argv):
@@ -246,7 +459,8 @@ def _convert(argv):
   print(f"{src} -> {dest} ({kind}, {os.path.getsize(dest) / 2**20:.1f} MiB)")
 
 
-COMMANDS = {"train": _train, "restore": _restore, "eval": _eval, "convert": _convert}
+COMMANDS = {"train": _train, "restore": _restore, "eval": _eval, "convert": _convert,
+            "export": _export}
 
 
 def run(argv: list[str] | None = None) -> None:

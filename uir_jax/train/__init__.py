@@ -10,6 +10,7 @@ TRAINERS = {
     "irsde": "uir_jax.train.irsde",
     "nafnet": "uir_jax.train.nafnet",
     "daclip": "uir_jax.train.daclip",
+    "quickstart": "uir_jax.train.quickstart",
 }
 
 

@@ -52,6 +52,14 @@ def load_frozen_daclip(cfg: ml_collections.ConfigDict, seed: int) -> tuple[Any, 
   return graphdef, state
 
 
+def clip_view(images: jax.Array, size: int) -> jax.Array:
+  """The pipeline's 224² CLIP view at a CLIP's input size (unchanged at 224; the tiny test and
+  quickstart CLIPs see it resized with antialiasing)."""
+  if images.shape[1:3] == (size, size):
+    return images
+  return jax.image.resize(images, images.shape[:1] + (size, size, 3), "bilinear", antialias=True)
+
+
 def daclip_contexts(graphdef: Any, state: Any, clip_images: jax.Array, *, use_degra: bool,
                     use_image: bool) -> tuple[jax.Array | None, jax.Array | None]:
   """(text_context, image_context) = (degradation, content) embeddings, without gradients.
@@ -60,11 +68,8 @@ def daclip_contexts(graphdef: Any, state: Any, clip_images: jax.Array, *, use_de
   DA-CLIP of another input size (the tiny test models) sees it resized with antialiasing.
   """
   model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
-  size = model.config.image_size
-  if clip_images.shape[1:3] != (size, size):
-    clip_images = jax.image.resize(clip_images, clip_images.shape[:1] + (size, size, 3),
-                                   "bilinear", antialias=True)
-  content, degradation = model.encode_image(clip_images, control=True)
+  content, degradation = model.encode_image(clip_view(clip_images, model.config.image_size),
+                                            control=True)
   content = jax.lax.stop_gradient(content.astype(jnp.float32))
   degradation = jax.lax.stop_gradient(degradation.astype(jnp.float32))
   return (degradation if use_degra else None), (content if use_image else None)

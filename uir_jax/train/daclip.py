@@ -65,16 +65,10 @@ def _decay_mask(params):
 
 
 def _clamp_logit_scale(params):
-  def clamp(path, p):
-    return losses.clamp_logit_scale(p) if jax.tree_util.keystr(path) == "['logit_scale']" else p
+  def clamp(path, p):  # DaCLIP's own top-level logit_scale (path "['logit_scale'].value")
+    return losses.clamp_logit_scale(p) if getattr(path[0], "key", None) == "logit_scale" else p
 
   return jax.tree_util.tree_map_with_path(clamp, params)
-
-
-def _resized(images: jax.Array, size: int) -> jax.Array:
-  if images.shape[1:3] == (size, size):
-    return images
-  return jax.image.resize(images, images.shape[:1] + (size, size, 3), "bilinear", antialias=True)
 
 
 def confusion_image(confusion: np.ndarray, cell: int = 12) -> np.ndarray:
@@ -133,7 +127,7 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
 
   def loss_fn(model, batch, key, aux):
     del key, aux
-    images = _resized(batch["clip_lq"], arch.image_size)
+    images = common.clip_view(batch["clip_lq"], arch.image_size)
     content, degra = model.encode_image(images, control=True)
     text = l2_normalize(model.encode_text(batch["caption_ids"]).astype(jnp.float32))
     dtext = l2_normalize(model.encode_text(batch["degradation_ids"]).astype(jnp.float32))
@@ -141,7 +135,7 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     total, parts = losses.daclip_loss(l2_normalize(content), text, l2_normalize(degra), dtext,
                                       model.logit_scale[...], degradation_groups=groups)
     if lc.robust:
-      clean = model.encode_image(_resized(batch["clip_gt"], arch.image_size), control=False)
+      clean = model.encode_image(common.clip_view(batch["clip_gt"], arch.image_size), control=False)
       parts["robust_l1"] = losses.embedding_l1_loss(content, clean)
       total = total + lc.robust_weight * parts["robust_l1"]
     parts["logit_scale"] = model.logit_scale[...]
@@ -162,7 +156,7 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
   @jax.jit(static_argnums=0)
   def _embed(graphdef, params, rest, clip_lq, caption_ids):
     model = nnx.merge(graphdef, params, rest)
-    content, degra = model.encode_image(_resized(clip_lq, arch.image_size), control=True)
+    content, degra = model.encode_image(common.clip_view(clip_lq, arch.image_size), control=True)
     text = l2_normalize(model.encode_text(word_ids))
     captions = l2_normalize(model.encode_text(caption_ids))
     return (l2_normalize(degra) @ text.T).argmax(-1), (l2_normalize(content) @ captions.T)

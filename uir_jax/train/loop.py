@@ -381,7 +381,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   def select(batch, keys):
     if stage.prepare is not None:
       batch = stage.prepare(batch)
-    out = {k: batch[k] for k in keys}
+    # ("mask" only exists in a finite evaluation pass: every row of an augmented batch is real.)
+    out = {k: batch[k] for k in keys if k in batch or k != "mask"}
     if "index" in out:  # global example indices (int64 on the host) as int32 for fold_in
       out["index"] = (np.asarray(out["index"]) % (2**31 - 1)).astype(np.int32)
     return out
@@ -478,10 +479,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
 def train_main(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """`uir-jax train`: the trainer named by `config.trainer`."""
-  from uir_jax.train import TRAINERS, get_trainer
+  from uir_jax.train import get_trainer
 
-  if config.trainer not in TRAINERS:
-    raise ValueError(f"unknown trainer {config.trainer!r}; expected one of {sorted(TRAINERS)}")
   return get_trainer(config.trainer)(config, workdir)
 
 

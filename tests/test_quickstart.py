@@ -1,0 +1,54 @@
+"""The quickstart (README command 1) end to end on its :tiny variant: both stages, the report's
+structure, and resuming without redoing a finished stage. Its quality figures are measured by the
+full run (README, benchmarks/RESULTS.md), not asserted here."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import common, quickstart
+from uir_jax.train import quickstart as qs
+
+NAMES = [name for name, _ in common.SYNTHETIC_TASKS]
+
+
+@pytest.mark.slow
+def test_quickstart_tiny_runs_both_stages_reports_and_resumes(tmp_path, capsys):
+  config = quickstart.get_config("tiny")
+  workdir = str(tmp_path / "q")
+  with config.unlocked():  # as if interrupted after stage 2's first checkpoint
+    config.stage2.total_steps = 1
+  first = qs.train_and_evaluate(config, workdir)
+  assert first["stages"]["daclip"]["step"] == 2 and first["stages"]["restorer"]["step"] == 1
+
+  config = quickstart.get_config("tiny")  # the same command again
+  result = qs.train_and_evaluate(config, workdir)
+  daclip_run, restorer_run = result["stages"]["daclip"], result["stages"]["restorer"]
+  # Stage 1 was finished: restored, not trained again (no step ran, so no evaluation either).
+  assert daclip_run["step"] == 2 and "eval/degradation_accuracy" not in daclip_run
+  # Stage 2 resumed from its checkpoint at step 1 and ran step 2 only.
+  assert restorer_run["step"] == 2 and "eval/psnr_restored" in restorer_run
+  out = capsys.readouterr().out
+  assert "resumed from step 1" in out and "resumed from step 2" in out
+
+  report = json.load(open(os.path.join(workdir, "report.json")))
+  assert report["types"] == NAMES and report["chance"] == pytest.approx(1 / len(NAMES))
+  assert report["crops"] + report["flat_crops_left_out"] == config.report.num_crops
+  confusion = np.asarray(report["confusion"])
+  assert confusion.shape == (len(NAMES), len(NAMES)) and confusion.sum() == report["crops"]
+  assert sum(row["crops"] for row in report["per_type"].values()) == report["crops"]
+  for name, row in report["per_type"].items():
+    assert name in NAMES
+    assert set(row) == {"crops", "psnr_lq", "psnr_restored", "ssim_lq", "ssim_restored",
+                        "degradation_accuracy"}
+    assert all(np.isfinite(v) for v in row.values())
+    grid = np.asarray(Image.open(os.path.join(workdir, f"grid_{name}.png")))
+    p = config.report.patch_size
+    assert grid.shape[1] == 3 * p and grid.shape[0] % p == 0  # rows of LQ | restored | GT
+  assert os.path.isfile(os.path.join(workdir, "degradation_confusion.png"))
+  md = open(os.path.join(workdir, "report.md")).read()
+  assert "| **mean** |" in md and "random" in md  # the table and what a random CLIP means
+  assert qs.format_table(report) in out  # the same table on the console
