@@ -120,3 +120,23 @@ def read_training_run(workdir: str, step: int | None = None) -> tuple[dict, dict
     manager.close()
   return config, _plain_variables(state)
 
+
+def save_tree(directory: str, tree: Any) -> None:
+  """Writes a pytree of arrays as one standalone orbax checkpoint at `directory` (which must not
+  exist yet), synchronously: for exports, not for train states (those use `Checkpointer`)."""
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    checkpointer.save(os.path.abspath(directory), tree)
+    checkpointer.wait_until_finished()
+  finally:
+    checkpointer.close()
+
+
+def load_tree(directory: str) -> Any:
+  """The pytree `save_tree` wrote at `directory`, as numpy-compatible arrays, without a target
+  structure (it is read from the checkpoint's metadata)."""
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    return checkpointer.restore(os.path.abspath(directory))
+  finally:
+    checkpointer.close()
