@@ -307,8 +307,8 @@ def _restore(argv):
 
   words = []
   if FLAGS.model:
-    baked = [f"--{name}" for name in ("mode", "num_steps", "tile", "tile_overlap", "tile_batch",
-                                      "pad_multiple") if FLAGS[name].present]
+    baked = [f"--{name}" for name in ("mode", "num_steps", "tile", "tile_overlap", "tile_batch")
+             if FLAGS[name].present]
     if baked:
       fail(f"{', '.join(baked)}: the sampler and sizes are part of the export; export again to "
            f"change them")
@@ -323,7 +323,7 @@ def _restore(argv):
     def restore_one(image, seed):
       emb = model.embed(image[None]) if model.has_daclip else None
       probs = None if emb is None else np.asarray(emb["probabilities"])[0]
-      return model(image[None], seed, contexts=emb)[0], probs
+      return model(image[None], seed, contexts=emb, pad_multiple=FLAGS.pad_multiple)[0], probs
   else:
     try:
       restorer = _restorer()
@@ -395,6 +395,7 @@ def _export(argv):
 
   if len(argv) > 1:
     fail(f"takes no positional arguments, got {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax's and JAX's INFO chatter is not for people
   if not FLAGS.out:
     fail("needs --out DIR (the export directory to write)")
   if bool(FLAGS.workdir) == bool(FLAGS.unet):
