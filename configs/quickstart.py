@@ -56,10 +56,10 @@ def get_config(arg: str | None = None):
   s2 = common.base("nafnet")
   s2.seed = c.seed
   s2.total_steps = 1200
-  s2.batch_size = 16
+  s2.batch_size = 8
   s2.loss = "psnr"
   s2.ema_decay = 0.99
-  s2.data = common.data_config("quickstart", patch_size=64, tasks=tasks, clip_lq=True,
+  s2.data = common.data_config("quickstart", patch_size=48, tasks=tasks, clip_lq=True,
                                clip_size=32, holdout=common.QUICKSTART_HOLDOUT,
                                eval_augment=True)
   s2.model = common.nafnet_config(width=16, middle_blk_num=1, enc_blk_nums=(1, 1, 2),

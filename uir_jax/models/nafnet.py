@@ -46,7 +46,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from uir_jax.models.layers import ChannelLayerNorm, LayerNorm, conv, dense, sinusoidal_embedding
+from uir_jax.models.layers import (
+    ChannelLayerNorm,
+    DepthwiseConv,
+    LayerNorm,
+    conv,
+    dense,
+    sinusoidal_embedding,
+)
 from uir_jax.models.unet import SpatialTransformer, count_params
 
 Array = jax.Array
@@ -95,10 +102,7 @@ class NAFBlock(nnx.Module):
       self.mlp = None
     self.conv1 = dense(c, dw, **kw)
     # Depthwise 3x3: one filter per channel (PyTorch groups=dw, weight [dw, 1, 3, 3]).
-    self.conv2 = nnx.Conv(dw, dw, kernel_size=(3, 3), padding=((1, 1), (1, 1)),
-                          feature_group_count=dw, dtype=dtype, param_dtype=jnp.float32,
-                          kernel_init=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-                          rngs=rngs)
+    self.conv2 = DepthwiseConv(dw, 3, **kw)
     self.conv3 = dense(dw // 2, c, **kw)
     if context_dim:
       self.att = SpatialTransformer(dw // 2, context_dim, attention_impl=attention_impl, **kw)
