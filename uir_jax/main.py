@@ -52,9 +52,9 @@ flags.DEFINE_string("output_dir", "restored", "Where restored PNGs are written."
 flags.DEFINE_enum("mode", "posterior",
                   ["posterior", "sde", "ode", "mr2", "mr3", "mr2-sde", "mr3-sde"],
                   "IR-SDE sampler: posterior (the reference's), sde / ode (T Euler steps), or the "
-                  "few-step solver: mr2 (2nd-order, deterministic; 10-20 --num_steps match 100 "
-                  "posterior steps in the analytic test case), mr3 (3rd-order, from ~15 steps), "
-                  "mr2-sde / mr3-sde (stochastic variants).")
+                  "few-step solver for --num_steps 10-20: mr2 / mr3 (2nd / 3rd-order ODE, "
+                  "deterministic), mr2-sde / mr3-sde (stochastic); accuracy per mode and step "
+                  "count in benchmarks/RESULTS.md.")
 flags.DEFINE_integer("num_steps", None, "Posterior steps (default T=100; fewer is faster).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("model", None, "restore: an export directory (`uir-jax export`) instead of "
