@@ -275,8 +275,8 @@ def test_clip_x0_keeps_an_inaccurate_denoiser_stable(sde):
 # with that law and must have mean 0 and variance 1 within the sampling error of N = 49,152
 # pixels: |mean| < 5/sqrt(N) (5 standard errors) and |var − 1| < 6 sqrt(2/N) (6 standard errors
 # of a Gaussian sample variance), at every step. That is 0.023 and 0.038: a posterior std off by
-# 10%, a wrong coefficient between non-adjacent steps or a halved score term fail by far
-# (breakages tried are listed in benchmarks/RESULTS.md, "IR-SDE samplers").
+# 10%, a wrong coefficient between non-adjacent steps or a halved score term fail (the breakages
+# tried are listed in benchmarks/RESULTS.md, "Few-step IR-SDE samplers").
 #
 # The law of a discrete sampler is not the exact marginal q(x_t | μ): the posterior sampler plugs
 # in E[x0 | x_t] and so drops the posterior spread of x0 (its states are slightly too narrow), and
