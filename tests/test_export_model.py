@@ -230,6 +230,8 @@ def test_training_run_exports_and_restores_without_torch(tmp_path, capsys):
   assert _cli("export", f"--workdir={workdir}", f"--out={out}", "--platforms=cpu") in (None, 0)
   printed = capsys.readouterr().out
   assert "any size" in printed and "3 steps" in printed
+  code = _cli("export", f"--workdir={workdir}", f"--out={tmp_path / 'x'}", "--step=7")
+  assert code == f"uir-jax export: {workdir}: no checkpoint of step 7 (it has [1])"
   manifest = json.load(open(out / "manifest.json"))
   assert manifest["sources"]["step"] == 1 and manifest["sources"]["weights"] == "ema"
   assert manifest["sampler"] == {"mode": "posterior", "num_steps": 3, "clip_x0": True}
@@ -354,6 +356,7 @@ def test_bad_input_gives_one_line(tmp_path, files, cond_export, capsys):
       (["restore", photo], "needs --unet"),
       (["restore", f"--unet={tmp_path / 'nope.pth'}", photo], "not found"),
       (["restore", f"--unet={photo}", photo], "cannot load the checkpoints"),
+      (["restore", unet, photo], "give its --daclip"),
       (["restore", f"--model={cond_export}", unet, photo], "not both"),
       (["restore", f"--model={tmp_path / 'empty'}", photo], "not a uir-jax export"),
       (["restore", f"--model={truncated}", photo], "daclip.safetensors is truncated"),
@@ -367,6 +370,7 @@ def test_bad_input_gives_one_line(tmp_path, files, cond_export, capsys):
       (["export", unet, daclip, f"--out={tmp_path / 'x'}", "--tile=64"], "--tile needs --sizes"),
       (["export", unet, daclip, f"--out={tmp_path / 'x'}", "--platforms=gpu"], "--platforms"),
       (["export", unet, f"--out={tmp_path / 'x'}"], "give its DA-CLIP"),
+      (["export", f"--unet={photo}", f"--out={tmp_path / 'x'}"], "Error"),
       (["export", f"--workdir={tmp_path / 'empty'}", f"--out={tmp_path / 'x'}"],
        "not a training run"),
       (["export", unet, daclip, f"--out={tmp_path / 'full'}"], "not an export"),

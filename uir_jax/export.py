@@ -476,6 +476,11 @@ def export_training_run(workdir: str, out_dir: str, *, step: int | None = None,
   from uir_jax.sde import IRSDE
   from uir_jax.train import common
 
+  steps_dir = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(s) for s in os.listdir(steps_dir) if s.isdigit()) \
+      if os.path.isdir(steps_dir) else []
+  if step is not None and step not in steps:
+    raise ExportError(f"{workdir}: no checkpoint of step {step} (it has {steps or 'none'})")
   try:
     config, state = read_training_run(workdir, step)
   except FileNotFoundError as e:
@@ -505,10 +510,7 @@ def export_training_run(workdir: str, out_dir: str, *, step: int | None = None,
       daclip_source = _source_file(source)
     else:
       daclip_source = {"path": os.path.abspath(source), "kind": "training run"}
-  steps = os.path.join(workdir, "checkpoints")
-  used_step = step if step is not None else max(
-      int(s) for s in os.listdir(steps) if s.isdigit())
-  sources = {"workdir": os.path.abspath(workdir), "step": used_step,
+  sources = {"workdir": os.path.abspath(workdir), "step": step if step is not None else steps[-1],
              "config.json": _source_file(os.path.join(workdir, "config.json")),
              "weights": "ema"}
   if daclip_source:

@@ -329,6 +329,10 @@ def _restore(argv):
       restorer = _restorer()
     except Exception as e:  # noqa: BLE001 - a wrong or corrupt checkpoint: say which, one line
       fail(f"cannot load the checkpoints: {type(e).__name__}: {e}")
+    needs = [flag for flag in ("use_degra_context", "use_image_context")
+             if getattr(restorer.unet, flag, False)]
+    if needs and restorer.daclip is None:
+      fail(f"{FLAGS.unet} is DA-CLIP-conditioned ({', '.join(needs)}): give its --daclip")
     if restorer.daclip is not None:
       from uir_jax.preprocess import clip_preprocess
       from uir_jax.zero_shot import DEGRADATION_WORDS, classify_degradation
@@ -432,8 +436,10 @@ def _export(argv):
     else:
       manifest = export_checkpoints(FLAGS.unet, FLAGS.daclip, FLAGS.out, mode=FLAGS.mode,
                                     num_steps=FLAGS.num_steps, **kwargs)
-  except (ExportError, ValueError, OSError, KeyError) as e:
-    fail(f"{type(e).__name__}: {e}" if not isinstance(e, ExportError) else e)
+  except ExportError as e:
+    fail(e)
+  except Exception as e:  # noqa: BLE001 - a wrong or corrupt checkpoint or run: say which
+    fail(f"{type(e).__name__}: {e}")
   size = sum(f["bytes"] for f in manifest["files"].values())
   shapes = ", ".join("any size" if f["height"] is None else f"{f['height']}x{f['width']}"
                      for f in manifest["functions"]["restore"])
