@@ -399,7 +399,6 @@ def _export(argv):
 
   if len(argv) > 1:
     fail(f"takes no positional arguments, got {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # orbax's and JAX's INFO chatter is not for people
   if not FLAGS.out:
     fail("needs --out DIR (the export directory to write)")
   if bool(FLAGS.workdir) == bool(FLAGS.unet):
@@ -427,6 +426,8 @@ def _export(argv):
     fail(f"--tile_overlap ({FLAGS.tile_overlap}) must be smaller than --tile ({FLAGS.tile})")
   kwargs = dict(sizes=sizes, tile=(FLAGS.tile or None) if sizes else None,
                 tile_overlap=FLAGS.tile_overlap, tile_batch=FLAGS.tile_batch, platforms=platforms)
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.WARNING)  # orbax's INFO chatter while saving is not for people
   try:
     if FLAGS.workdir:
       for name in ("mode", "num_steps"):  # the run's own evaluation sampler unless asked
@@ -440,6 +441,8 @@ def _export(argv):
     fail(e)
   except Exception as e:  # noqa: BLE001 - a wrong or corrupt checkpoint or run: say which
     fail(f"{type(e).__name__}: {e}")
+  finally:
+    logging.set_verbosity(verbosity)
   size = sum(f["bytes"] for f in manifest["files"].values())
   shapes = ", ".join("any size" if f["height"] is None else f"{f['height']}x{f['width']}"
                      for f in manifest["functions"]["restore"])
