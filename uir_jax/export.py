@@ -315,8 +315,10 @@ def export_models(denoiser: Any, daclip: Any | None, out_dir: str, *, sde: Any,
     try:
       exported[name] = jax.export.export(jax.jit(fn), platforms=platforms)(*args)
     except Exception as e:  # noqa: BLE001 - say which export failed and how to get another
-      hint = ("" if size is not None else
-              "; this model does not allow symbolic sizes: export fixed ones (--sizes 256x256)")
+      symbolic_trouble = size is None and ("Inconclusive" in type(e).__name__
+                                           or "symbolic" in str(e).lower())
+      hint = ("; this model does not allow symbolic sizes: export fixed ones (--sizes 256x256)"
+              if symbolic_trouble else "")
       raise ExportError(f"cannot export the restore function for "
                         f"{'any size' if size is None else f'{size[0]}x{size[1]}'}: "
                         f"{type(e).__name__}: {_one_line(e)[:500]}{hint}") from e
