@@ -26,6 +26,7 @@ from bench_util import device_name, emit, memory
 
 from configs import irsde_daclip_universal, nafnet_daclip
 from uir_jax import parallel
+from uir_jax.models.clip import get_config
 from uir_jax.train import irsde, loop, nafnet
 
 # Peak dense FLOP/s per device by (device kind substring, dtype): vendors' data sheets.
@@ -54,6 +55,7 @@ def _config(model: str, args, dtype: str):
   with c.unlocked():
     c.batch_size, c.dtype, c.data.patch_size = args.batch, dtype, args.size
     c.daclip.checkpoint = f"random:{args.daclip}"
+    c.model.context_dim = get_config(args.daclip).embed_dim
   return c
 
 

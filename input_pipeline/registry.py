@@ -119,7 +119,7 @@ def quantize(image, seed):
   return deg.quantize(image), deg.no_words()
 
 
-def low_light(image, seed, *, gamma_range=(1.8, 3.0), gain_range=(0.25, 0.6)):
+def low_light(image, seed, *, gamma_range=(1.4, 2.2), gain_range=(0.4, 0.7)):
   """Under-exposure: gain · image^γ with γ and the gain drawn uniformly (a dark, low-contrast
   photo; the synthetic stand-in for the universal set's "low-light" task). Adds no word."""
   import tensorflow as tf
@@ -131,7 +131,7 @@ def low_light(image, seed, *, gamma_range=(1.8, 3.0), gain_range=(0.25, 0.6)):
   return gain * tf.pow(tf.clip_by_value(image, 0.0, 1.0), gamma), deg.no_words()
 
 
-def haze(image, seed, *, beta_range=(1.0, 2.2), airlight_range=(0.75, 0.95)):
+def haze(image, seed, *, beta_range=(0.6, 1.4), airlight_range=(0.7, 0.9)):
   """Atmospheric scattering I = J t + A (1 − t), t = exp(−β d), with a depth d growing from the
   bottom (near, 0.3) to the top (far, 1.0) of the crop, β and the airlight A drawn uniformly (the
   stand-in for the "hazy" task). Adds no word."""
