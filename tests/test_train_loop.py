@@ -26,7 +26,7 @@ from uir_jax.train import TRAINERS, get_trainer, irsde, loop, nafnet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ["irsde_daclip_universal", "irsde_wild", "irsde", "nafnet_daclip", "nafnet",
-           "irsde_quickstart"]
+           "irsde_quickstart", "daclip_vitb32", "daclip_vitl14_wild"]
 
 
 def _stage_of(config):
@@ -103,13 +103,15 @@ def test_tiny_config_trains_saves_and_resumes(name, tmp_path):
   workdir = str(tmp_path / "wd")
   result = get_trainer(config.trainer)(config, workdir)
   assert result["step"] == 3 and not result["preempted"]
-  assert np.isfinite(result["eval/psnr_restored"]) and np.isfinite(result["eval/psnr_lq"])
+  score, image = (("eval/degradation_accuracy", "eval_degradation_confusion")
+                  if config.trainer == "daclip" else ("eval/psnr_restored", "eval_lq_restored_gt"))
+  assert np.isfinite(result[score])
   assert json.load(open(os.path.join(workdir, "config.json")))["trainer"] == config.trainer
-  assert glob.glob(os.path.join(workdir, "eval_lq_restored_gt_0000003.png"))
+  assert glob.glob(os.path.join(workdir, f"{image}_0000003.png"))
   assert _steps(workdir) == [2, 3]
   # The same command again: restores step 3 into the config's state and has nothing left to do.
   again = get_trainer(config.trainer)(config, workdir)
-  assert again["step"] == 3 and "eval/psnr_restored" not in again
+  assert again["step"] == 3 and score not in again
 
 
 # ---- Kill / stop and resume ---------------------------------------------------------------------
