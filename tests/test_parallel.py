@@ -7,7 +7,8 @@ devices, against one device.
 
 Tolerance: the programs differ only in the order of floating-point reductions (the batch mean,
 gradient all-reduces, FSDP's reduce-scatter). In fp32 the losses agree to ~1e-7 relative; the
-parameters to ~1e-8 absolute after three AdamW steps of lr 2e-4 (each step moves a weight by up to
+parameters to ~1e-7 absolute after three AdamW steps of lr 2e-4 (the PSNR loss's 1/MSE gradients
+round the most: measured up to 6e-7) (each step moves a weight by up to
 lr, so a wrong gradient, a missing all-reduce or a per-device mean off by a factor moves weights by
 ~1e-4, four orders of magnitude above the tolerance). Measured worst cases are in the asserts'
 messages when they fail.
@@ -23,7 +24,7 @@ from uir_jax import parallel
 from uir_jax.train import irsde, loop, nafnet
 
 STEPS = 3
-PARAM_ATOL = 2e-7
+PARAM_ATOL = 1e-6
 LOSS_RTOL = 2e-6
 OPT_RTOL = 1e-5
 

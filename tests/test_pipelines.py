@@ -175,13 +175,14 @@ def test_quickstart_batches_with_clip_branch():
 
   cfg = irsde_quickstart.get_config("tiny").data
   cfg.clip_lq = True
+  cfg.clip_size = 224  # the released CLIPs' size (the tiny configs use their CLIP's 32)
   (b,) = _take(pipelines.from_config(cfg, batch_size=2, seed=0, train=True), 1)
   p = cfg.patch_size
   assert b["lq"].shape == b["gt"].shape == (2, p, p, 3)
   assert all(len(c.split()) >= 5 for c in b["caption"])
-  assert b["clip_lq"].shape == (2, 224, 224, 3)
+  assert b["clip_lq"].shape == (2, cfg.clip_size, cfg.clip_size, 3)
   # The CLIP branch is the normalised bicubic resize of the LQ crop.
-  ref = pipelines.clip_image(tf.constant(b["lq"][1])).numpy()
+  ref = pipelines.clip_image(tf.constant(b["lq"][1]), cfg.clip_size).numpy()
   np.testing.assert_allclose(b["clip_lq"][1], ref, atol=1e-5)
   unnorm = b["clip_lq"] * np.float32(pipelines.OPENAI_STD) + np.float32(pipelines.OPENAI_MEAN)
   assert -1e-5 < unnorm.min() and unnorm.max() < 1 + 1e-5

@@ -224,28 +224,33 @@ def _path_grad_norms(grads):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module,config_module,factor,conditioning",
-                         [(irsde, irsde_daclip_universal, 1.5, ("attn2", "prompt")),
-                          (nafnet, nafnet_daclip, 2.0, ("att", "prompt"))],
+                         [(irsde, irsde_daclip_universal, 2.5, ("attn2", "prompt")),
+                          (nafnet, nafnet_daclip, 1.8, ("att", "prompt"))],
                          ids=["irsde_daclip", "nafnet_daclip"])
 def test_conditioned_model_overfits_a_batch_and_its_conditioning_gets_gradients(
     module, config_module, factor, conditioning):
   config = config_module.get_config("tiny")
   with config.unlocked():
-    config.optimizer.lr = 2e-3
-    config.total_steps = 60
+    # Measured on this seed: IR-SDE 0.0206 -> 0.0057 (200 steps), NAFNet MSE 0.0369 -> 0.0169
+    # (60 steps); the factors asserted leave room for another machine's rounding.
+    config.optimizer.lr = 2e-3 if module is nafnet else 3e-3
+    config.total_steps = 60 if module is nafnet else 200
   stage = module.make_stage(config)
   graphdef, init = loop.init_state_fn(stage)
   step = jax.jit(lambda s, b, a, k: loop.make_train_step(graphdef, stage, 0.9)(s, b, a, k, None))
   state, batch, key = jax.jit(init)(), _fixed_batch(), loop.step_key(0)
-  losses = []
+  # The loss at one fixed draw of (t, noise) before and after: the IR-SDE loss of a step is drawn
+  # at a random t per example, too noisy to compare step by step.
+  fixed = jax.jit(lambda s: stage.loss_fn(nnx.merge(graphdef, s["params"], s["rest"]), batch,
+                                          loop.step_key(99), stage.aux)[0])
+  first = float(fixed(state))
   for _ in range(config.total_steps):
     state, metrics = step(state, batch, stage.aux, key)
-    losses.append(float(metrics["loss"]))
-  # The IR-SDE loss is drawn at a random t per example and step: compare 10-step means. The PSNR
-  # loss is negative (-PSNR): compare the MSE it stands for (10^(loss/10)).
-  first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+  last = float(fixed(state))
+  # The PSNR loss is negative (-PSNR): compare the MSE it stands for (10^(loss/10)).
   if config.loss == "psnr":
     first, last = 10 ** (first / 10), 10 ** (last / 10)
+  print(f"{config.trainer}: fixed-draw loss {first:.5f} -> {last:.5f}")
   assert last * factor < first, (first, last)
   grads = jax.grad(lambda p: stage.loss_fn(nnx.merge(graphdef, p, state["rest"]), batch, key,
                                            stage.aux)[0])(state["params"])
