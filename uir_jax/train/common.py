@@ -139,3 +139,15 @@ def restoration_scores(lq: np.ndarray, restored: np.ndarray, gt: np.ndarray,
     out["eval/ssim_lq"] = float(np.mean(ssim(lq, gt)))
     out["eval/ssim_restored"] = float(np.mean(ssim(restored, gt)))
   return out
+
+
+def evaluate_restoration(batch: dict, restored) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+  """A stage's evaluation output for restorations of `batch` (arrays on the devices): the scores
+  of `restoration_scores` over the real rows and an LQ | restored | GT grid."""
+  from uir_jax.train.loop import to_host
+
+  lq, gt, restored = to_host(batch["lq"]), to_host(batch["gt"]), to_host(restored)
+  mask = to_host(batch["mask"]) if "mask" in batch else None
+  return (restoration_scores(lq, restored, gt, mask),
+          {"eval/lq_restored_gt": image_grid(lq, restored, gt)})
+

@@ -57,11 +57,7 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
   def evaluate(graphdef, params, rest, aux, batch):
     text_context, image_context = contexts(aux, batch)
     restored = restore(graphdef, params, rest, batch["lq"], text_context, image_context)
-    lq, gt = (loop.to_host(batch[k]) for k in ("lq", "gt"))
-    restored = loop.to_host(restored)
-    mask = loop.to_host(batch["mask"]) if "mask" in batch else None
-    scores = common.restoration_scores(lq, restored, gt, mask)
-    return scores, {"eval/lq_restored_gt": common.image_grid(lq, restored, gt)}
+    return common.evaluate_restoration(batch, restored)
 
   def restore(graphdef, params, rest, lq, text_context, image_context):
     return sde.sample(denoiser_eps_fn(graphdef), lq, jax.random.key(config.seed + 2),

@@ -62,11 +62,7 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
       nnx.merge(graphdef, params, rest), aux, batch), static_argnums=0)
 
   def evaluate(graphdef, params, rest, aux, batch):
-    restored = loop.to_host(predict(graphdef, params, rest, aux, batch))
-    lq, gt = (loop.to_host(batch[k]) for k in ("lq", "gt"))
-    mask = loop.to_host(batch["mask"]) if "mask" in batch else None
-    scores = common.restoration_scores(lq, restored, gt, mask)
-    return scores, {"eval/lq_restored_gt": common.image_grid(lq, restored, gt)}
+    return common.evaluate_restoration(batch, predict(graphdef, params, rest, aux, batch))
 
   keys = ("lq", "gt", "index") + (("clip_lq",) if conditioned else ())
   return loop.Stage(
