@@ -19,7 +19,8 @@ Evaluation (`train=False`, finite): items in the source's eval order, centre cro
   gray; the last batch is padded (repeating items) and the "mask" key marks the real examples.
 Optional CLIP branch (`clip_lq=True`): "clip_lq" = the reference's `clip_transform` of the LQ
   crop (`clip_image`: 8 bits, Pillow-exact antialiased bicubic to 224 x 224, OpenAI mean / std;
-  spec §3.4, §7.1 step 6).
+  spec §3.4, §7.1 step 6); with `clip_view="crop"` instead its full-resolution centre crop of
+  `clip_size` (`clip_crop`: small CLIPs, e.g. the quickstart's, see the degradation's pixels).
 
 Batches are numpy dicts: "lq", "gt" float32 [B, P, P, 3] in [0, 1]; "words" bool [B, 4] (what
 the on-the-fly degradation added, over `degradations.DEGRADATION_WORDS`; all False for paired
@@ -163,6 +164,25 @@ def clip_image(lq, size: int = CLIP_SIZE):
   return (x / 255.0 - tf.constant(OPENAI_MEAN)) / tf.constant(OPENAI_STD)
 
 
+CLIP_VIEWS = ("resize", "crop")
+
+
+def clip_crop(lq, size: int):
+  """LQ [H, W, 3] in [0, 1] -> its centre size x size crop at full resolution, 8-bit rounded and
+  OpenAI-normalised like `clip_image` (`clip_view="crop"`): a small CLIP sees the degradation's
+  pixels (noise grain, blur, JPEG blocks) unchanged instead of shrunk away by the resize."""
+  from uir_jax.preprocess import center_crop_offsets
+
+  lq = tf.convert_to_tensor(lq, tf.float32)
+  h, w = lq.shape[0], lq.shape[1]
+  if h is None or w is None or min(h, w) < size:
+    raise ValueError(f"clip_view='crop' needs static patches of at least {size} pixels, got "
+                     f"{h}x{w}")
+  top, left = center_crop_offsets(h, w, size)
+  x = tf.round(tf.clip_by_value(lq[top:top + size, left:left + size], 0.0, 1.0) * 255.0)
+  return (x / 255.0 - tf.constant(OPENAI_MEAN)) / tf.constant(OPENAI_STD)
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineOptions:
   """What a pipeline does to each example (see the module docstring)."""
@@ -181,6 +201,9 @@ class PipelineOptions:
   tasks: tuple = ()
   clip_gt: bool = False  # also the CLIP view of the GT ("clip_gt"; DA-CLIP's robust term)
   clip_size: int = CLIP_SIZE  # side of the CLIP views (the CLIP's input size)
+  # How the CLIP views are made: "resize" (the reference's clip_transform of the whole patch) or
+  # "crop" (its centre clip_size crop at full resolution; `clip_crop`).
+  clip_view: str = "resize"
 
 
 def _example_fn(source: readers.Source, opts: PipelineOptions, seed: int, train: bool):
@@ -226,10 +249,11 @@ def _example_fn(source: readers.Source, opts: PipelineOptions, seed: int, train:
     out = {"lq": lq, "gt": gt, "words": tf.ensure_shape(words, [4]),
            "label": ex["label"] if source.paired or label is None else label,
            "caption": ex["caption"], "degradation": degradation, "index": gidx}
+    view = clip_crop if opts.clip_view == "crop" else clip_image
     if opts.clip_lq:
-      out["clip_lq"] = clip_image(lq, opts.clip_size)
+      out["clip_lq"] = view(lq, opts.clip_size)
     if opts.clip_gt:
-      out["clip_gt"] = clip_image(gt, opts.clip_size)
+      out["clip_gt"] = view(gt, opts.clip_size)
     return out
 
   return fn
@@ -310,7 +334,7 @@ def options_from_config(cfg) -> PipelineOptions:
       use_flip=bool(get("use_flip", True)), use_rot=bool(get("use_rot", True)),
       clip_lq=bool(get("clip_lq", False)), degrade_probs=dict(probs) if probs else None,
       chain=registry.plain_spec(get("chain", "wild")), clip_gt=bool(get("clip_gt", False)),
-      clip_size=int(get("clip_size", CLIP_SIZE)),
+      clip_size=int(get("clip_size", CLIP_SIZE)), clip_view=str(get("clip_view", "resize")),
       tasks=tuple((str(name), registry.plain_spec(spec))
                   for name, spec in registry.plain_spec(get("tasks", ()) or ())))
 
@@ -338,6 +362,11 @@ def from_config(cfg: Any, *, batch_size: int, seed: int, train: bool, start_step
   opts = options_from_config(cfg)
   if opts.patch_size < 1:
     raise ValueError(f"patch_size must be >= 1, got {opts.patch_size}")
+  if opts.clip_view not in CLIP_VIEWS:
+    raise ValueError(f"clip_view must be one of {CLIP_VIEWS}, got {opts.clip_view!r}")
+  if opts.clip_view == "crop" and opts.patch_size < opts.clip_size:
+    raise ValueError(f"clip_view='crop' needs patch_size >= clip_size, got {opts.patch_size} < "
+                     f"{opts.clip_size}")
   if split not in (None, "train", "eval"):
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
   source = readers.source_from_config(cfg, train=train if split is None else split == "train")

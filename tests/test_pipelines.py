@@ -188,6 +188,26 @@ def test_quickstart_batches_with_clip_branch():
   assert -1e-5 < unnorm.min() and unnorm.max() < 1 + 1e-5
 
 
+
+def test_crop_clip_view_is_the_full_resolution_centre_of_the_lq():
+  from configs import quickstart
+
+  cfg = quickstart.get_config().stage1.data  # clip_view="crop", 48² patches, 32² CLIP views
+  (b,) = _take(pipelines.from_config(cfg, batch_size=3, seed=0, train=True), 1)
+  p, c = cfg.patch_size, cfg.clip_size
+  lo = (p - c) // 2
+  unnorm = b["clip_lq"] * np.float32(pipelines.OPENAI_STD) + np.float32(pipelines.OPENAI_MEAN)
+  # The 8-bit levels of the LQ's centre, unresized: the degradation's own pixels.
+  np.testing.assert_allclose(unnorm, np.round(b["lq"][:, lo:lo + c, lo:lo + c] * 255) / 255,
+                             atol=1e-6)
+  cfg.patch_size = c - 1
+  with pytest.raises(ValueError, match="patch_size >= clip_size"):
+    pipelines.from_config(cfg, batch_size=3, seed=0, train=True)
+  cfg.patch_size, cfg.clip_view = p, "zoom"
+  with pytest.raises(ValueError, match="clip_view must be one of"):
+    pipelines.from_config(cfg, batch_size=3, seed=0, train=True)
+
+
 def _pil_clip(lq_u8):
   """The reference's clip_transform on an 8-bit image, in [0, 1] (before mean/std)."""
   h, w = lq_u8.shape[:2]
