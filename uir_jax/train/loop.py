@@ -361,6 +361,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     print(f"[{stage.name}] {num_params / 1e6:.2f}M parameters, {origin}; mesh "
           f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
           f"{jax.process_count()} process(es), strategy {strategy}", flush=True)
+  if first_step > config.total_steps:  # a finished run: nothing to train, evaluate or save
+    ckpt.close()
+    return {"step": first_step - 1, "preempted": False}
 
   aux_shardings = (parallel.shardings_for(stage.aux, mesh, config.fsdp_min_size)
                    if stage.aux is not None else None)
