@@ -75,6 +75,7 @@ def data_config(source: str, **overrides) -> ml_collections.ConfigDict:
   d.tasks = ()
   d.clip_gt = False  # add the CLIP view of the GT (DA-CLIP's robust term)
   d.clip_size = 224  # side of the CLIP views: the CLIP's input size (224 for released models)
+  d.clip_view = "resize"  # the reference's resize of the patch, or "crop": its full-res centre
   d.degrade_probs = ml_collections.ConfigDict()  # overrides of the chain's parameters
   d.update(overrides)
   return d
@@ -154,7 +155,7 @@ SYNTHETIC_TASKS = (
     ("blurry", [{"op": "blur", "max_radius": 5, "sinc_prob": 0.0, "deblur_prob": 0.0,
                  "blur_range": [1.5, 3.0]}]),
     ("jpeg-compressed", [{"op": "jpeg", "quality_range": [8, 20]}]),
-    ("low-light", [{"op": "low_light"}]),
+    ("low-light", [{"op": "low_light", "gamma_range": [1.2, 1.8], "gain_range": [0.5, 0.8]}]),
     ("hazy", [{"op": "haze"}]),
     ("low-resolution", [{"op": "resize", "scale_range": [2.5, 4.0]},
                         {"op": "resize", "size": "input"}]),

@@ -58,19 +58,22 @@ def get_config(arg: str | None = None):
   s2.total_steps = 1200
   s2.batch_size = 8
   s2.loss = "psnr"
+  s2.l1_weight = 0.0  # with loss "psnr+l1"
+  s2.l1_decay_steps = 0
   s2.ema_decay = 0.99
   s2.data = common.data_config("quickstart", patch_size=48, tasks=tasks, clip_lq=True,
                                clip_size=32, holdout=common.QUICKSTART_HOLDOUT,
                                eval_augment=True)
   s2.model = common.nafnet_config(width=16, middle_blk_num=1, enc_blk_nums=(1, 1, 2),
                                   dec_blk_nums=(1, 1, 1), context_dim=64,
-                                  use_degra_context=True, use_image_context=True)
+                                  use_degra_context=True, use_image_context=True,
+                                  global_color=True)
   s2.daclip.checkpoint = ""  # set to stage 1's workdir by the quickstart trainer
   s2.optimizer = common.optimizer_config(lr=2e-3, end_lr=1e-5, warmup_steps=50, b1=0.9, b2=0.99,
                                          grad_clip=1.0)
   s2.eval_batch = 16
   s2.log_every = 100
-  s2.eval_every = 600
+  s2.eval_every = 1200
   s2.checkpoint_every = 300
   s2.keep_checkpoints = 1
   c.stage2 = s2

@@ -300,3 +300,26 @@ def test_conversion_errors_name_the_key():
     load_nafnet(sd, widht=3)
   with pytest.raises(ConversionError, match="not a NAFNet"):
     load_nafnet({"foo": sd["prompt"]})
+
+
+def test_global_color_head_is_the_identity_at_start_and_a_per_image_colour_map():
+  kw = dict(width=8, middle_blk_num=1, enc_blk_nums=(1,), dec_blk_nums=(1,), context_dim=16)
+  plain = NAFNet(**kw, rngs=nnx.Rngs(3))
+  net = NAFNet(**kw, global_color=True, rngs=nnx.Rngs(3))
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.uniform(0, 1, (2, 9, 11, 3)), jnp.float32)  # padded to 10 x 12 inside
+  ctx = dict(text_context=jnp.asarray(rng.normal(size=(2, 16)), jnp.float32),
+             image_context=jnp.asarray(rng.normal(size=(2, 16)), jnp.float32))
+  for a, b in zip(jax.tree.leaves(nnx.state(plain)), jax.tree.leaves(nnx.state(net, nnx.Not(
+      nnx.PathContains("color"))))):
+    np.testing.assert_array_equal(a, b)  # the head draws no key the trunk uses
+  base = plain(x, **ctx)
+  np.testing.assert_array_equal(net(x, **ctx), base)  # zero-initialised: the plain model
+  # A head reading only the mean colour: gain 0.5 + mean red, shift 0.1 on each channel.
+  emb_dim = net.color.kernel.shape[0] - 3
+  kernel = np.zeros(net.color.kernel.shape, np.float32)
+  kernel[emb_dim, :3] = 1.0
+  net.color.kernel[...] = jnp.asarray(kernel)
+  net.color.bias[...] = jnp.asarray([0.5] * 3 + [0.1] * 3, jnp.float32)
+  gain = 0.5 + np.asarray(x).mean(axis=(1, 2))[:, :1]  # the unpadded photo's mean red
+  np.testing.assert_allclose(net(x, **ctx), base + x * gain[:, None, None] + 0.1, atol=1e-6)

@@ -192,7 +192,8 @@ def test_quickstart_batches_with_clip_branch():
 def test_crop_clip_view_is_the_full_resolution_centre_of_the_lq():
   from configs import quickstart
 
-  cfg = quickstart.get_config().stage1.data  # clip_view="crop", 48² patches, 32² CLIP views
+  cfg = quickstart.get_config().stage1.data
+  cfg.clip_view, cfg.patch_size, cfg.clip_size = "crop", 48, 32
   (b,) = _take(pipelines.from_config(cfg, batch_size=3, seed=0, train=True), 1)
   p, c = cfg.patch_size, cfg.clip_size
   lo = (p - c) // 2

@@ -1,6 +1,7 @@
 """The quickstart (README command 1) end to end on its :tiny variant: both stages, the report's
-structure, and resuming without redoing a finished stage. Its quality figures are measured by the
-full run (README, benchmarks/RESULTS.md), not asserted here."""
+structure, and resuming without redoing a finished stage. The first run is the training notebook
+(`colabs/train_quickstart.ipynb`, executed headlessly), which trains through the CLI. Its quality
+figures are measured by the full run (README, benchmarks/RESULTS.md), not asserted here."""
 
 import json
 import os
@@ -13,16 +14,37 @@ from configs import common, quickstart
 from uir_jax.train import quickstart as qs
 
 NAMES = [name for name, _ in common.SYNTHETIC_TASKS]
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+
+
+def _run_notebook(name, cwd, env):
+  nbclient = pytest.importorskip("nbclient")
+  nbformat = pytest.importorskip("nbformat")
+  nb = nbformat.read(os.path.join(REPO, "colabs", name), as_version=4)
+  os.environ.update(env)
+  try:
+    nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": str(cwd)}}).execute()
+  finally:
+    for k in env:
+      os.environ.pop(k)
+  return "".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                 for out in cell.get("outputs", []))
 
 
 @pytest.mark.slow
 def test_quickstart_tiny_runs_both_stages_reports_and_resumes(tmp_path, capsys):
-  config = quickstart.get_config("tiny")
   workdir = str(tmp_path / "q")
-  with config.unlocked():  # as if interrupted after stage 2's first checkpoint
-    config.stage2.total_steps = 1
-  first = qs.train_and_evaluate(config, workdir)
+  # The notebook's run, as if interrupted after stage 2's first checkpoint.
+  text = _run_notebook("train_quickstart.ipynb", tmp_path, {
+      "UIR_JAX_REPO": REPO, "UIR_JAX_CONFIG": "configs/quickstart.py:tiny",
+      "UIR_JAX_WORKDIR": workdir, "UIR_JAX_OVERRIDES": "--config.stage2.total_steps=1",
+      "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+  first = json.load(open(os.path.join(workdir, "report.json")))
   assert first["stages"]["daclip"]["step"] == 2 and first["stages"]["restorer"]["step"] == 1
+  # The notebook showed the report: its summary line and every type's grid.
+  assert f"mean PSNR {first['mean/psnr_lq']:.2f} -> {first['mean/psnr_restored']:.2f} dB" in text
+  assert all(f"\n{name}\n" in "\n" + text for name in NAMES)
 
   config = quickstart.get_config("tiny")  # the same command again
   result = qs.train_and_evaluate(config, workdir)

@@ -267,8 +267,8 @@ class NAFNet(_DaCLIPMixin, _NAFNetBody):
                enc_blk_nums: Sequence[int] = (2, 2, 4, 8),
                dec_blk_nums: Sequence[int] = (2, 2, 2, 2), *, context_dim: int = 0,
                use_degra_context: bool = True, use_image_context: bool = True,
-               norm: str = "layernorm2d", rngs: nnx.Rngs, dtype=jnp.float32,
-               attention_impl: str = "auto"):
+               norm: str = "layernorm2d", global_color: bool = False, rngs: nnx.Rngs,
+               dtype=jnp.float32, attention_impl: str = "auto"):
     self.img_channel, self.context_dim = img_channel, int(context_dim)
     self.use_degra_context, self.use_image_context = _context_flags(
         self.context_dim, use_degra_context, use_image_context)
@@ -278,6 +278,14 @@ class NAFNet(_DaCLIPMixin, _NAFNetBody):
                 attention_impl)
     if self.use_degra_context:
       self._build_prompt(self.context_dim, emb_dim, rngs, dtype)
+    # Optional (ours, off in every released layout): a per-image colour transform of the input,
+    # out = trunk + inp · gain + shift, with (gain, shift) [B, 2C] from the degradation prompt and
+    # the input's mean colour through a zero-initialised Linear (the identity at start). The
+    # blocks' LayerNorms remove each pixel's intensity, so the trunk learns multiplicative fixes
+    # (a dark photo's gain) slowly; this head makes them one Linear away.
+    self.global_color = bool(global_color)
+    self.color = (dense(emb_dim + img_channel, 2 * img_channel, zero=True, rngs=rngs,
+                        dtype=jnp.float32) if self.global_color else None)
 
   def __call__(self, x: Array, *, text_context: Array | None = None,
                image_context: Array | None = None) -> Array:
@@ -293,6 +301,12 @@ class NAFNet(_DaCLIPMixin, _NAFNetBody):
       emb = self.degradation_prompt(text_context)
     inp = self._pad(x.astype(jnp.float32))
     out = self._trunk(inp, emb, context).astype(jnp.float32) + inp
+    if self.color is not None:
+      stats = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # the unpadded mean colour [B, C]
+      if emb is not None:
+        stats = jnp.concatenate([emb.astype(jnp.float32), stats], axis=-1)
+      gain, shift = jnp.split(self.color(stats), 2, axis=-1)
+      out = out + inp * gain[:, None, None, :] + shift[:, None, None, :]
     return out[:, :h, :w]
 
 
