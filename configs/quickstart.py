@@ -58,8 +58,6 @@ def get_config(arg: str | None = None):
   s2.total_steps = 1200
   s2.batch_size = 8
   s2.loss = "psnr"
-  s2.l1_weight = 0.0  # with loss "psnr+l1"
-  s2.l1_decay_steps = 0
   s2.ema_decay = 0.99
   s2.data = common.data_config("quickstart", patch_size=48, tasks=tasks, clip_lq=True,
                                clip_size=32, holdout=common.QUICKSTART_HOLDOUT,

@@ -161,7 +161,12 @@ def clip_image(lq, size: int = CLIP_SIZE):
     if (new_h, new_w) != (size, size):
       top, left = center_crop_offsets(new_h, new_w, size)
       x = x[top:top + size, left:left + size]
-  return (x / 255.0 - tf.constant(OPENAI_MEAN)) / tf.constant(OPENAI_STD)
+  return _openai_normalize(x)
+
+
+def _openai_normalize(x_255):
+  """8-bit levels (0..255, float) -> CLIP's input: OpenAI mean / std."""
+  return (x_255 / 255.0 - tf.constant(OPENAI_MEAN)) / tf.constant(OPENAI_STD)
 
 
 CLIP_VIEWS = ("resize", "crop")
@@ -179,8 +184,8 @@ def clip_crop(lq, size: int):
     raise ValueError(f"clip_view='crop' needs static patches of at least {size} pixels, got "
                      f"{h}x{w}")
   top, left = center_crop_offsets(h, w, size)
-  x = tf.round(tf.clip_by_value(lq[top:top + size, left:left + size], 0.0, 1.0) * 255.0)
-  return (x / 255.0 - tf.constant(OPENAI_MEAN)) / tf.constant(OPENAI_STD)
+  return _openai_normalize(tf.round(tf.clip_by_value(lq[top:top + size, left:left + size], 0.0,
+                                                      1.0) * 255.0))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -283,9 +283,8 @@ class NAFNet(_DaCLIPMixin, _NAFNetBody):
     # the input's mean colour through a zero-initialised Linear (the identity at start). The
     # blocks' LayerNorms remove each pixel's intensity, so the trunk learns multiplicative fixes
     # (a dark photo's gain) slowly; this head makes them one Linear away.
-    self.global_color = bool(global_color)
     self.color = (dense(emb_dim + img_channel, 2 * img_channel, zero=True, rngs=rngs,
-                        dtype=jnp.float32) if self.global_color else None)
+                        dtype=jnp.float32) if global_color else None)
 
   def __call__(self, x: Array, *, text_context: Array | None = None,
                image_context: Array | None = None) -> Array:

@@ -4,13 +4,7 @@ DA-CLIP" row of the DA-CLIP paper's tables (one forward pass per image, no diffu
 Per example: (content, degradation) = DA-CLIP(CLIP view of the LQ) without gradients,
 restored = NAFNet(LQ, text_context=degradation, image_context=content), and the loss is L1
 (per-example mean, then the batch mean) or NAFNet's PSNR loss
-(10/ln 10 · mean over the batch of ln(MSE_example + 1e-8), i.e. minus the mean PSNR), or
-"psnr+l1": the PSNR loss plus `l1_weight` · L1, the weight optionally falling linearly to 0 over
-the first `l1_decay_steps` steps. Why the mixture: the PSNR loss weighs each example by 1/MSE, so
-a badly degraded one (a dark photo at 11 dB) gets ~1/80 of the gradient of a mild one (30 dB) and
-is barely learnt in a short run, while L1 weighs every pixel alike and neglects the precision the
-mild ones need; per pixel the PSNR term's gradient is ~8.7/RMS-error times L1's, so a weight of
-~50 lets L1 lead on the bad examples only.
+(10/ln 10 · mean over the batch of ln(MSE_example + 1e-8), i.e. minus the mean PSNR).
 
     uir-jax train --config configs/nafnet_daclip.py --workdir runs/nafnet_daclip
 """
@@ -27,34 +21,18 @@ from flax import nnx
 
 from uir_jax.train import common, loop
 
-LOSSES = ("l1", "psnr", "psnr+l1")
+LOSSES = ("l1", "psnr")
 
 
-def regression_loss(pred: jax.Array, target: jax.Array, kind: str,
-                    l1_weight: float = 0.0) -> jax.Array:
+def regression_loss(pred: jax.Array, target: jax.Array, kind: str) -> jax.Array:
   """Scalar loss of [B, H, W, C] predictions: "l1" or NAFNet's "psnr" (see the module doc)."""
   diff = pred.astype(jnp.float32) - target.astype(jnp.float32)
   if kind == "l1":
     return jnp.mean(jnp.mean(jnp.abs(diff).reshape(diff.shape[0], -1), axis=1))
-  if kind in ("psnr", "psnr+l1"):
+  if kind == "psnr":
     mse = jnp.mean(jnp.square(diff).reshape(diff.shape[0], -1), axis=1)
-    loss = 10.0 / math.log(10.0) * jnp.mean(jnp.log(mse + 1e-8))
-    if kind == "psnr+l1":
-      loss = loss + l1_weight * jnp.mean(jnp.abs(diff))
-    return loss
+    return 10.0 / math.log(10.0) * jnp.mean(jnp.log(mse + 1e-8))
   raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
-
-
-def l1_weight_at(config: ml_collections.ConfigDict, index: jax.Array) -> jax.Array | float:
-  """The "psnr+l1" L1 weight of the batch whose global example indices are `index`: `l1_weight`,
-  falling linearly to 0 over the first `l1_decay_steps` steps when that is > 0 (the batch of
-  step s, 1-based, holds examples [(s - 1) B, s B), so its step is known inside the jitted loss)."""
-  weight = float(config.get("l1_weight", 0.0))
-  decay = int(config.get("l1_decay_steps", 0))
-  if not decay:
-    return weight
-  step = jnp.min(index) // config.batch_size  # 0-based
-  return weight * jnp.clip(1.0 - step / decay, 0.0, 1.0)
 
 
 def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
@@ -78,8 +56,7 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
 
   def loss_fn(model, batch, key, aux):
     del key  # deterministic given the batch
-    return regression_loss(forward(model, aux, batch), batch["gt"], config.loss,
-                           l1_weight_at(config, batch["index"])), {}
+    return regression_loss(forward(model, aux, batch), batch["gt"], config.loss), {}
 
   predict = jax.jit(lambda graphdef, params, rest, aux, batch: forward(
       nnx.merge(graphdef, params, rest), aux, batch), static_argnums=0)
