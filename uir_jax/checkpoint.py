@@ -118,7 +118,27 @@ def read_training_run(workdir: str, step: int | None = None) -> tuple[dict, dict
     state = manager.restore(step, args=ocp.args.StandardRestore())
   finally:
     manager.close()
-  return config, _plain_variables(state)
+  # Host copies: restored without a target, each array keeps the sharding it was saved with (e.g.
+  # replicated over a training mesh), which would clash with single-device arrays at inference.
+  return config, _plain_variables(jax.device_get(state))
+
+
+def model_from_run(abstract: Any, state: dict, trainable: Any = None) -> Any:
+  """The model of a training run: `abstract` (an `nnx.eval_shape`d module) with its `trainable`
+  variables (default: nnx.Param) from the run's EMA (`state["ema"]`) and all others from
+  `state["rest"]`, `state` as `read_training_run` returns it. ValueError (one line) when the
+  checkpoint does not fit the module."""
+  from flax import nnx
+
+  graphdef, params, rest = nnx.split(abstract, nnx.Param if trainable is None else trainable, ...)
+  state = jax.tree.map(jax.numpy.asarray, state)  # on the default device
+  try:
+    nnx.replace_by_pure_dict(params, state["ema"])
+    if jax.tree.leaves(rest):
+      nnx.replace_by_pure_dict(rest, state["rest"])
+  except (KeyError, ValueError) as e:
+    raise ValueError(f"checkpoint does not match its config: {str(e).splitlines()[0][:300]}") from e
+  return nnx.merge(graphdef, params, rest)
 
 
 def save_tree(directory: str, tree: Any) -> None:

@@ -474,7 +474,7 @@ def export_training_run(workdir: str, out_dir: str, *, step: int | None = None,
   import ml_collections
   from flax import nnx
 
-  from uir_jax.checkpoint import read_training_run
+  from uir_jax.checkpoint import model_from_run, read_training_run
   from uir_jax.sde import IRSDE
   from uir_jax.train import common
 
@@ -492,15 +492,10 @@ def export_training_run(workdir: str, out_dir: str, *, step: int | None = None,
                       f"'irsde') have a restore function to export")
   cfg = ml_collections.ConfigDict(config)
   model = nnx.eval_shape(lambda: common.build_model(cfg, nnx.Rngs(0)))  # no random init
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   try:
-    nnx.replace_by_pure_dict(params, state["ema"])
-    if state.get("rest"):
-      nnx.replace_by_pure_dict(rest, state["rest"])
-  except (KeyError, ValueError) as e:
-    raise ExportError(f"{workdir}: checkpoint does not match its config.json: "
-                      f"{_one_line(e)[:300]}") from e
-  denoiser = nnx.merge(graphdef, params, rest)
+    denoiser = model_from_run(model, state)
+  except ValueError as e:
+    raise ExportError(f"{workdir}: {e}") from e
   daclip, daclip_source = None, None
   if cfg.daclip.checkpoint:
     frozen = common.load_frozen_daclip(cfg.daclip, int(cfg.seed))

@@ -334,7 +334,7 @@ def load_daclip(path_or_state_dict: str | os.PathLike | StateDict,
 
 def _load_daclip_run(workdir: str) -> DaCLIP:
   """The DA-CLIP of one of our training runs: frozen CLIP and trained controller (EMA)."""
-  from uir_jax.checkpoint import read_training_run
+  from uir_jax.checkpoint import model_from_run, read_training_run
   from uir_jax.models.clip import get_config
   from uir_jax.models.daclip import TRAINABLE
 
@@ -343,13 +343,10 @@ def _load_daclip_run(workdir: str) -> DaCLIP:
     raise ConversionError(f"{workdir}: a {config.get('trainer')!r} run, not a DA-CLIP one")
   abstract = nnx.eval_shape(lambda: DaCLIP(get_config(config["clip"]["arch"]),
                                            rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, TRAINABLE, ...)
   try:
-    nnx.replace_by_pure_dict(params, state["ema"])
-    nnx.replace_by_pure_dict(rest, state["rest"])
-  except (KeyError, ValueError) as e:
-    raise ConversionError(f"{workdir}: checkpoint does not match its config: {e}") from e
-  return nnx.merge(graphdef, params, rest)
+    return model_from_run(abstract, state, TRAINABLE)
+  except ValueError as e:
+    raise ConversionError(f"{workdir}: {e}") from e
 
 
 __all__ = [

@@ -40,16 +40,12 @@ def _stage2_config(config: ml_collections.ConfigDict, daclip_dir: str):
 
 def load_restorer(workdir: str) -> nnx.Module:
   """The EMA weights of a nafnet / irsde training run as its configured network."""
-  from uir_jax.checkpoint import read_training_run
+  from uir_jax.checkpoint import model_from_run, read_training_run
 
   config, state = read_training_run(workdir)
   model = nnx.eval_shape(lambda: common.build_model(ml_collections.ConfigDict(config),
                                                     nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  nnx.replace_by_pure_dict(params, state["ema"])
-  if jax.tree.leaves(rest):
-    nnx.replace_by_pure_dict(rest, state["rest"])
-  return nnx.merge(graphdef, params, rest)
+  return model_from_run(model, state)
 
 
 def labelled_confusion(confusion: np.ndarray, names: list[str], cell: int = 44) -> np.ndarray:
