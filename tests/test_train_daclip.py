@@ -1,6 +1,6 @@
 """DA-CLIP controller trainer: sharded loss and gradients equal one device's, same-text positives,
 the frozen CLIP stays frozen, the exact no-op start, and a tiny run learns the degradations (zero-
-shot accuracy on held-out photos well above chance) in standard and robust mode."""
+shot accuracy on held-out photos well above chance)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import common, daclip_vitb32, daclip_vitl14_wild
+from configs import common, daclip_vitb32
 from uir_jax import losses, parallel
-from uir_jax.models.daclip import TRAINABLE
 from uir_jax.train import daclip, loop
 
 
@@ -140,11 +139,12 @@ def test_frozen_clip_stays_frozen_and_the_exact_start_is_a_no_op():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("robust", [False, True], ids=["standard", "robust"])
-def test_tiny_run_learns_the_degradations_of_held_out_photos(robust, tmp_path):
-  config = _tiny(same_text_positives=True, robust=robust)
+def test_tiny_run_learns_the_degradations_of_held_out_photos(tmp_path):
+  # Robust mode (DA-CLIP's extra term on the clean image's CLIP view) with same-text positives:
+  # every term of the loss in one run.
+  config = _tiny(same_text_positives=True, robust=True)
   with config.unlocked():
-    config.data.clip_gt = robust
+    config.data.clip_gt = True
     config.data.eval_augment = True
     config.total_steps = 120
     config.batch_size = 32
@@ -154,9 +154,11 @@ def test_tiny_run_learns_the_degradations_of_held_out_photos(robust, tmp_path):
     config.log_every = 40
     config.optimizer.lr = 2e-3
     config.optimizer.warmup_steps = 5
-  before = daclip.train_and_evaluate(_with(config, total_steps=1, eval_every=1),
-                                     str(tmp_path / "zero"))
-  result = daclip.train_and_evaluate(config, str(tmp_path / "wd"))
+  workdir = str(tmp_path / "wd")
+  # The accuracy after one step (the same run, stopped there and resumed: no second run).
+  before = daclip.train_and_evaluate(_with(config, total_steps=1, eval_every=1), workdir)
+  result = daclip.train_and_evaluate(config, workdir)
+  assert result["step"] == 120
   chance = 1 / len(common.SYNTHETIC_TASKS)
   # Six degradations of two photos training never saw: well above chance after 120 steps.
   assert result["eval/degradation_accuracy"] >= 2.5 * chance, (before, result)
@@ -168,28 +170,3 @@ def _with(config, **overrides):
   with config.unlocked():
     config.update(overrides)
   return config
-
-
-@pytest.mark.slow
-def test_wild_tiny_trains_saves_resumes_and_its_controller_conditions_a_restorer(tmp_path):
-  config = daclip_vitl14_wild.get_config("tiny")
-  workdir = str(tmp_path / "wild")
-  result = daclip.train_and_evaluate(config, workdir)
-  assert result["step"] == config.total_steps and "eval/degradation_accuracy" in result
-  assert len(config.eval.words) == 16 and "" in config.eval.words
-  again = daclip.train_and_evaluate(config, workdir)  # resumes: nothing left to do
-  assert again["step"] == config.total_steps
-  # The trained DA-CLIP (its workdir) loads through load_daclip and conditions the IR-SDE stage.
-  from configs import irsde_daclip_universal
-  from uir_jax.convert.clip import load_daclip
-  from uir_jax.train import irsde
-
-  model = load_daclip(workdir)
-  saved = nnx.state(model, TRAINABLE)
-  assert jax.tree.leaves(saved)
-  r = irsde_daclip_universal.get_config("tiny")
-  with r.unlocked():
-    r.daclip.checkpoint = workdir
-    r.total_steps = 1
-  out = irsde.train_and_evaluate(r, str(tmp_path / "restorer"))
-  assert out["step"] == 1 and np.isfinite(out["eval/psnr_restored"])

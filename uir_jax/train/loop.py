@@ -305,11 +305,6 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   Returns {"step": last step, "preempted": bool, **final eval metrics}. Raises NonFiniteLoss
   (before saving) if a step's loss is not finite.
   """
-  # Imported here: clu's writers and the tf.data pipeline need TensorFlow; the library does not.
-  from clu import metric_writers
-
-  from input_pipeline import pipelines
-
   parallel.initialize_distributed(config.distributed)
   if config.total_steps <= 0:
     config = resolve_total_steps(config)
@@ -324,17 +319,78 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError(f"the {stage.name} trainer supports strategy {stage.strategies}, got "
                      f"{strategy!r}")
   quiet = jax.process_index() > 0
+  ckpt = Checkpointer(workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints,
+                      total_steps=config.total_steps)
+  first_step = (ckpt.latest_step or 0) + 1
+  # The input pipelines (tracing the degradation chains, the first batches: seconds) are built in
+  # a background thread while the state is created and the step compiled.
+  inputs = None if first_step > config.total_steps else _Inputs(config, stage, local_batch,
+                                                                first_step)
+  try:
+    return _train(config, workdir, stage, mesh, local_batch, quiet, ckpt, first_step, inputs)
+  finally:
+    if inputs is not None:
+      inputs.close()
 
+
+class _Inputs:
+  """The training iterator (started at `first_step`) and the evaluation batch, opened in a
+  background thread; `train_iter()` / `eval_batch()` wait for them (and raise its errors)."""
+
+  def __init__(self, config, stage: Stage, local_batch: int, first_step: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from input_pipeline import pipelines
+
+    def open_train():
+      it = iter(pipelines.from_config(
+          config.data, batch_size=local_batch, seed=config.seed, train=True,
+          start_step=first_step - 1, process_index=jax.process_index(),
+          process_count=jax.process_count()))
+      return it, next(it)
+
+    def open_eval():
+      # One pass over the held-out split (centre crops), or with `eval_augment` a batch drawn
+      # like the training ones (random crops and degradations) from it: small held-out sets.
+      stream = pipelines.from_config(
+          config.data, batch_size=config.eval_batch // jax.process_count(), seed=config.seed + 1,
+          train=bool(config.data.eval_augment), split="eval", process_index=jax.process_index(),
+          process_count=jax.process_count())
+      return next(iter(stream))
+
+    self._pool = ThreadPoolExecutor(1, thread_name_prefix="uir_jax-inputs")
+    self._train = self._pool.submit(open_train)
+    self._eval = self._pool.submit(open_eval) if stage.evaluate is not None else None
+
+  def train_iter(self):
+    import itertools
+
+    it, first = self._train.result()
+    return itertools.chain([first], it)
+
+  def eval_batch(self):
+    return self._eval.result() if self._eval is not None else None
+
+  def close(self):
+    self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _train(config, workdir, stage, mesh, local_batch, quiet, ckpt, first_step, inputs):
+  # Imported here: clu's writers and the tf.data pipeline need TensorFlow; the library does not.
+  from clu import metric_writers
+
+  strategy = config.strategy
   # ---- State, created sharded; then resume -> init_from -> scratch -------------------------------
   graphdef, init = init_state_fn(stage)
   state, shardings = parallel.create_sharded_state(init, mesh, min_size=config.fsdp_min_size)
   num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
   logging.info("%s: %.3fM trainable parameters; state %s", stage.name, num_params / 1e6,
                parallel.describe_sharding(state))
-  ckpt = Checkpointer(workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints,
-                      total_steps=config.total_steps)
   if ckpt.latest_step is not None:
     state = ckpt.restore(abstract_like(state))
+    if int(state["step"]) != first_step - 1:
+      raise RuntimeError(f"{ckpt.directory}: checkpoint {first_step - 1} holds step "
+                         f"{int(state['step'])}")
     origin = f"resumed from step {int(state['step'])} ({ckpt.directory})"
   elif config.init_from:
     if stage.load_params is None:
@@ -356,7 +412,6 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     origin = "pretrained initial state"
   else:
     origin = f"fresh init (seed {config.seed})"
-  first_step = int(state["step"]) + 1
   if not quiet:
     print(f"[{stage.name}] {num_params / 1e6:.2f}M parameters, {origin}; mesh "
           f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
@@ -391,22 +446,16 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     return out
 
   # ---- Evaluation --------------------------------------------------------------------------------
-  eval_batch = None
-  if stage.evaluate is not None:
-    eval_local = config.eval_batch // jax.process_count()
-    # One pass over the held-out split (centre crops), or with `eval_augment` a batch drawn like
-    # the training ones (random crops and degradations) from it: small held-out sets of photos.
-    stream = pipelines.from_config(config.data, batch_size=eval_local, seed=config.seed + 1,
-                                   train=bool(config.data.eval_augment), split="eval",
-                                   process_index=jax.process_index(),
-                                   process_count=jax.process_count())
-    eval_batch = select(next(iter(stream)), stage.eval_keys)
+  eval_batch = None  # (selected on first use)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=quiet,
                                                 asynchronous=False)
   writer.write_hparams({k: v for k, v in config.items() if isinstance(v, (int, float, str))})
 
   def evaluate(state, step):
+    nonlocal eval_batch
+    if eval_batch is None:
+      eval_batch = select(inputs.eval_batch(), stage.eval_keys)
     if strategy == "pmap":
       batch = {k: jnp.asarray(v) for k, v in eval_batch.items()}
       ev_aux = parallel.unreplicate_local(run_aux) if run_aux is not None else None
@@ -426,10 +475,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     return scalars
 
   # ---- Loop --------------------------------------------------------------------------------------
-  train_iter = iter(pipelines.from_config(
-      config.data, batch_size=local_batch, seed=config.seed, train=True,
-      start_step=first_step - 1, process_index=jax.process_index(),
-      process_count=jax.process_count()))
+  train_iter = inputs.train_iter()
   progress = Progress(stage.name, first_step, config.total_steps, quiet)
   result: dict[str, Any] = {"step": first_step - 1, "preempted": False}
   pending = None  # (step, metrics) not yet checked for finiteness
