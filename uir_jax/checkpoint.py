@@ -131,11 +131,11 @@ def model_from_run(abstract: Any, state: dict, trainable: Any = None) -> Any:
   from flax import nnx
 
   graphdef, params, rest = nnx.split(abstract, nnx.Param if trainable is None else trainable, ...)
-  state = jax.tree.map(jax.numpy.asarray, state)  # on the default device
+  on_device = lambda tree: jax.tree.map(jax.numpy.asarray, tree)  # the default device
   try:
-    nnx.replace_by_pure_dict(params, state["ema"])
+    nnx.replace_by_pure_dict(params, on_device(state["ema"]))
     if jax.tree.leaves(rest):
-      nnx.replace_by_pure_dict(rest, state["rest"])
+      nnx.replace_by_pure_dict(rest, on_device(state["rest"]))
   except (KeyError, ValueError) as e:
     raise ValueError(f"checkpoint does not match its config: {str(e).splitlines()[0][:300]}") from e
   return nnx.merge(graphdef, params, rest)

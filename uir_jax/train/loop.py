@@ -327,7 +327,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   inputs = None if first_step > config.total_steps else _Inputs(config, stage, local_batch,
                                                                 first_step)
   try:
-    return _train(config, workdir, stage, mesh, local_batch, quiet, ckpt, first_step, inputs)
+    return _train(config, workdir, stage, mesh, quiet, ckpt, first_step, inputs)
   finally:
     if inputs is not None:
       inputs.close()
@@ -375,7 +375,7 @@ class _Inputs:
     self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _train(config, workdir, stage, mesh, local_batch, quiet, ckpt, first_step, inputs):
+def _train(config, workdir, stage, mesh, quiet, ckpt, first_step, inputs):
   # Imported here: clu's writers and the tf.data pipeline need TensorFlow; the library does not.
   from clu import metric_writers
 
