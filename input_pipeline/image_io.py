@@ -131,9 +131,16 @@ def pad_to_min_size(images: tf.Tensor | Sequence[tf.Tensor], size: int):
   single = isinstance(images, tf.Tensor)
   images = [images] if single else list(images)
   h, w = tf.shape(images[0])[0], tf.shape(images[0])[1]
-  rows = _reflect_indices(h, tf.maximum(h, size))
-  cols = _reflect_indices(w, tf.maximum(w, size))
-  out = [tf.gather(tf.gather(x, rows, axis=0), cols, axis=1) for x in images]
+
+  def pad():
+    rows = _reflect_indices(h, tf.maximum(h, size))
+    cols = _reflect_indices(w, tf.maximum(w, size))
+    return [tf.gather(tf.gather(x, rows, axis=0), cols, axis=1) for x in images]
+
+  # The gathers copy the whole image (a few ms for a photo): only when it is too small.
+  out = tf.cond(tf.logical_and(h >= size, w >= size), lambda: [tf.identity(x) for x in images],
+                pad)
+  out = [tf.ensure_shape(y, [None, None, x.shape[-1]]) for x, y in zip(images, out, strict=True)]
   return out[0] if single else out
 
 
