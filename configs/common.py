@@ -125,10 +125,11 @@ def nafnet_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def clip_config(arch: str, exact_noop_start: bool) -> ml_collections.ConfigDict:
-  """The CLIP a DA-CLIP controller is trained on: `arch` ("ViT-B-32" | "ViT-L-14" | "tiny"), the
-  weights file (`checkpoint`: open_clip / OpenAI / Hugging Face; "random:<arch>" for tests), and
-  the controller's start: the reference's initialisation quirk, or the exact no-op
-  (`exact_noop_start`: content features equal the plain CLIP's at step 0)."""
+  """The CLIP a DA-CLIP controller is trained on: `arch` ("ViT-B-32" | "ViT-L-14" | "tiny" |
+  "tiny-p4"), the weights file (`checkpoint`: open_clip / OpenAI / Hugging Face;
+  "random:<arch>" for tests and the quickstart), and the controller's start: the reference's
+  initialisation quirk, or the exact no-op (`exact_noop_start`: content features equal the plain
+  CLIP's at step 0)."""
   return ml_collections.ConfigDict(dict(arch=arch, checkpoint="",
                                         exact_noop_start=exact_noop_start))
 

@@ -83,11 +83,17 @@ _CONFIGS = {
     "tiny": CLIPConfig(embed_dim=64, image_size=32, patch_size=8, vision_width=128,
                        vision_layers=2, vision_heads=2, text_width=128, text_layers=2,
                        text_heads=2),
+    # The quickstart's: 4-px patches, so a randomly initialised trunk can learn to see noise,
+    # JPEG blocks and softness (a type readout probe: 0.63 vs 0.57 with 8-px patches).
+    "tiny-p4": CLIPConfig(embed_dim=64, image_size=32, patch_size=4, vision_width=128,
+                          vision_layers=2, vision_heads=2, text_width=128, text_layers=2,
+                          text_heads=2),
 }
 
 
 def get_config(name: str) -> CLIPConfig:
-  """"ViT-B-32" | "ViT-L-14" | "tiny" (a "daclip_" prefix, as in the reference, is allowed)."""
+  """"ViT-B-32" | "ViT-L-14" | "tiny" | "tiny-p4" (a "daclip_" prefix, as in the reference, is
+  allowed)."""
   key = name.removeprefix("daclip_")
   if key not in _CONFIGS:
     raise ValueError(f"unknown CLIP config {name!r}; known: {sorted(_CONFIGS)}")
