@@ -176,8 +176,9 @@ randomly initialised one. Its text tower still gives each degradation name a dis
 embedding, so the trained controller can learn to map images to the right name (the accuracy
 above), but its content embedding is a random feature of the image, not a semantic description
 as with the released ViT-B/32: the restorer's gain from DA-CLIP here comes from the degradation
-embedding. With `--config.stage1.clip.checkpoint=<open_clip weights>` and
-`--config.stage1.clip.arch=ViT-B-32` the same run uses a real CLIP (much slower on a CPU).
+embedding. With `--config.stage1.clip.checkpoint=<open_clip weights>`,
+`--config.stage1.clip.arch=ViT-B-32` and the released models' CLIP view (`data.clip_view=resize`
+and `data.clip_size=224` in both stages) the same run uses a real CLIP (much slower on a CPU).
 """
 
 
