@@ -70,6 +70,11 @@ ACTIVATIONS = {
     "quick_gelu": _quick_gelu,
 }
 
+# For tests and CPU smoke runs; the full vocabulary so real tokenizer ids stay valid.
+# Head width 64 like the real models, so `convert.clip.infer_config` recovers it from shapes.
+_TINY = CLIPConfig(embed_dim=64, image_size=32, patch_size=8, vision_width=128, vision_layers=2,
+                   vision_heads=2, text_width=128, text_layers=2, text_heads=2)
+
 _CONFIGS = {
     # model_configs/daclip_ViT-B-32.json == open_clip ViT-B-32 (spec §1.1).
     "ViT-B-32": CLIPConfig(embed_dim=512, image_size=224, patch_size=32, vision_width=768,
@@ -78,16 +83,10 @@ _CONFIGS = {
     "ViT-L-14": CLIPConfig(embed_dim=768, image_size=224, patch_size=14, vision_width=1024,
                            vision_layers=24, vision_heads=16, text_width=768, text_layers=12,
                            text_heads=12),
-    # For tests and CPU smoke runs; the full vocabulary so real tokenizer ids stay valid.
-    # Head width 64 like the real models, so `convert.clip.infer_config` recovers it from shapes.
-    "tiny": CLIPConfig(embed_dim=64, image_size=32, patch_size=8, vision_width=128,
-                       vision_layers=2, vision_heads=2, text_width=128, text_layers=2,
-                       text_heads=2),
+    "tiny": _TINY,
     # The quickstart's: 4-px patches, so a randomly initialised trunk can learn to see noise,
     # JPEG blocks and softness (a type readout probe: 0.63 vs 0.57 with 8-px patches).
-    "tiny-p4": CLIPConfig(embed_dim=64, image_size=32, patch_size=4, vision_width=128,
-                          vision_layers=2, vision_heads=2, text_width=128, text_layers=2,
-                          text_heads=2),
+    "tiny-p4": dataclasses.replace(_TINY, patch_size=4),
 }
 
 
