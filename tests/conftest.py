@@ -40,6 +40,19 @@ def rng():
   return np.random.default_rng(0)
 
 
+@pytest.fixture
+def one_device(monkeypatch):
+  """In-process training on one of the 8 fake devices, for tests of what a run does (trains,
+  saves, resumes, stops, reports) rather than of sharding (tests/test_parallel.py and the
+  multi-device tests of tests/test_train_loop.py): an 8-way SPMD program on 2 cores costs
+  these tests about a third of their time."""
+  from uir_jax import parallel
+
+  make_mesh = parallel.make_mesh
+  monkeypatch.setattr(parallel, "make_mesh",
+                      lambda shape=(-1, 1), devices=None: make_mesh(shape, jax.devices()[:1]))
+
+
 def pytest_collection_modifyitems(config, items):
   # Torch parity tests must run in CI: if torch is missing there, fail loudly instead of skipping.
   if os.environ.get("CI"):

@@ -33,7 +33,7 @@ def _run_notebook(name, cwd, env):
 
 
 @pytest.mark.slow
-def test_quickstart_tiny_runs_both_stages_reports_and_resumes(tmp_path, capsys):
+def test_quickstart_tiny_runs_both_stages_reports_and_resumes(tmp_path, capsys, one_device):
   workdir = str(tmp_path / "q")
   # The notebook's run, as if interrupted after stage 2's first checkpoint.
   text = _run_notebook("train_quickstart.ipynb", tmp_path, {

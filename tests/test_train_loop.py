@@ -116,13 +116,13 @@ def _trains_saves_resumes(config, workdir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in CONFIGS if n not in CHAINED])
-def test_tiny_config_trains_saves_and_resumes(name, tmp_path):
+def test_tiny_config_trains_saves_and_resumes(name, tmp_path, one_device):
   config = importlib.import_module(f"configs.{name}").get_config("tiny")
   _trains_saves_resumes(config, str(tmp_path / "wd"))
 
 
 @pytest.mark.slow
-def test_wild_daclip_run_conditions_a_restorer(tmp_path):
+def test_wild_daclip_run_conditions_a_restorer(tmp_path, one_device):
   from uir_jax.convert.clip import load_daclip
   from uir_jax.models.daclip import TRAINABLE
 
@@ -199,7 +199,7 @@ def test_killed_and_stopped_runs_resume_bit_equal_to_an_uninterrupted_run(tmp_pa
 
 # ---- Non-finite loss ----------------------------------------------------------------------------
 
-def test_non_finite_loss_stops_before_saving_and_the_run_resumes(tmp_path):
+def test_non_finite_loss_stops_before_saving_and_the_run_resumes(tmp_path, one_device):
   config = nafnet_daclip.get_config("tiny")
   with config.unlocked():
     config.checkpoint_every = 1
@@ -286,7 +286,7 @@ def test_conditioned_model_overfits_a_batch_and_its_conditioning_gets_gradients(
 
 
 @pytest.mark.torch
-def test_init_from_starts_from_the_files_parameters(tmp_path):
+def test_init_from_starts_from_the_files_parameters(tmp_path, one_device):
   import torch
 
   from uir_jax.convert.nafnet import load_nafnet

@@ -414,7 +414,7 @@ def _train(config, workdir, stage, mesh, quiet, ckpt, first_step, inputs):
     origin = f"fresh init (seed {config.seed})"
   if not quiet:
     print(f"[{stage.name}] {num_params / 1e6:.2f}M parameters, {origin}; mesh "
-          f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} device(s), "
+          f"{dict(mesh.shape)} over {mesh.devices.size} {mesh.devices.flat[0].platform} device(s), "
           f"{jax.process_count()} process(es), strategy {strategy}", flush=True)
   if first_step > config.total_steps:  # a finished run: nothing to train, evaluate or save
     ckpt.close()
