@@ -24,6 +24,9 @@ Top-level fields (see `base`):
   data               the input pipeline (`data_config`)
   optimizer          AdamW + warmup + cosine (`optimizer_config`)
   daclip.checkpoint  "" (unconditioned), a DA-CLIP file (.pt / .safetensors), or "random:tiny"
+  daclip.windows     False: DA-CLIP reads the pipeline's CLIP view; True: its embeddings are
+                     averaged over full-resolution CLIP-size windows tiling the LQ (a small CLIP
+                     trained on `clip_view="crop"` centres then sees the whole image)
 """
 
 from __future__ import annotations
@@ -185,7 +188,7 @@ def base(trainer: str) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=1,
                                                  process_id=0, local_device_ids=()))
-  c.daclip = ml_collections.ConfigDict(dict(checkpoint=""))
+  c.daclip = ml_collections.ConfigDict(dict(checkpoint="", windows=False))
   c.optimizer = optimizer_config()
   return c
 

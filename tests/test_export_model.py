@@ -232,6 +232,18 @@ def test_training_run_exports_and_restores_without_torch(tmp_path, capsys):
   assert "any size" in printed and "3 steps" in printed
   code = _cli("export", f"--workdir={workdir}", f"--out={tmp_path / 'x'}", "--step=7")
   assert code == f"uir-jax export: {workdir}: no checkpoint of step 7 (it has [1])"
+  # A run whose DA-CLIP read another CLIP view than the exported resize is refused, not exported
+  # with the wrong view.
+  for key, value, view in (("data", ("clip_view", "crop"), "crop"),
+                           ("daclip", ("windows", True), "windows")):
+    other = tmp_path / f"run_{view}"
+    shutil.copytree(workdir, other)
+    config = json.load(open(other / "config.json"))
+    config[key][value[0]] = value[1]
+    json.dump(config, open(other / "config.json", "w"))
+    code = _cli("export", f"--workdir={other}", f"--out={tmp_path / view}")
+    assert code == (f"uir-jax export: {other}: its DA-CLIP read the {view!r} CLIP view; exports "
+                    f"embed the photo resized to the CLIP's size (clip_view 'resize') only")
   manifest = json.load(open(out / "manifest.json"))
   assert manifest["sources"]["step"] == 1 and manifest["sources"]["weights"] == "ema"
   assert manifest["sampler"] == {"mode": "posterior", "num_steps": 3, "clip_x0": True}

@@ -353,3 +353,66 @@ def test_parallel_batch_helpers_reject_bad_sizes():
     parallel.local_batch_size(6, mesh)
   with pytest.raises(ValueError, match="divisible"):
     parallel.split_local_batch({"x": np.zeros((6, 2))})
+
+
+# ---- DA-CLIP views ----------------------------------------------------------------------------
+
+def test_window_views_tile_the_lq_like_the_pipelines_crop_view_and_are_averaged():
+  import ml_collections
+  import tensorflow as tf
+
+  from input_pipeline.pipelines import clip_crop
+  from uir_jax.train import common
+
+  rng = np.random.default_rng(0)
+  lq = rng.uniform(0, 1, (2, 96, 80, 3)).astype(np.float32)
+  views = np.asarray(common.window_views(jnp.asarray(lq), 32))
+  assert views.shape == (2, 9, 32, 32, 3)  # offsets (0, 32, 64) x (0, 24, 48)
+  # The centre window is the pipeline's clip_view="crop" (8-bit rounded, OpenAI-normalised).
+  centre = np.stack([clip_crop(tf.constant(x), 32).numpy() for x in lq])
+  np.testing.assert_allclose(views[:, 4], centre, atol=1e-6)
+  # The last window is the bottom-right corner, the second the top row's middle.
+  np.testing.assert_allclose(views[:, 8], np.stack([clip_crop(tf.constant(x[64:, 48:]), 32)
+                                                    .numpy() for x in lq]), atol=1e-6)
+  np.testing.assert_allclose(views[:, 1], np.stack([clip_crop(tf.constant(x[:32, 24:56]), 32)
+                                                    .numpy() for x in lq]), atol=1e-6)
+  assert common.window_views(jnp.asarray(lq[:, :48, :32]), 32).shape == (2, 2, 32, 32, 3)
+  with pytest.raises(ValueError, match="at least the CLIP's 32 pixels"):
+    common.window_views(jnp.asarray(lq[:, :31]), 32)
+  # The embeddings are the per-image means over that image's windows.
+  graphdef, state = common.load_frozen_daclip(
+      ml_collections.ConfigDict(dict(checkpoint="random:tiny-p4")), seed=0)
+  model = nnx.merge(graphdef, state)
+  content, degra = common.daclip_embed(model, None, jnp.asarray(lq), windows=True)
+  for b in range(2):
+    c, d = model.encode_image(jnp.asarray(views[b]), control=True)
+    np.testing.assert_allclose(np.asarray(content[b]), np.asarray(c).mean(0), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(degra[b]), np.asarray(d).mean(0), atol=1e-5)
+  assert not np.allclose(np.asarray(degra[0]), np.asarray(degra[1]), atol=1e-3)
+
+
+@pytest.mark.parametrize("config_module", [nafnet_daclip, irsde_daclip_universal],
+                         ids=["nafnet", "irsde"])
+def test_daclip_windows_condition_the_restorer_on_the_lq_not_the_pipeline_view(config_module):
+  """With daclip.windows the stages' DA-CLIP reads the LQ's windows: the loss no longer depends
+  on the pipeline's CLIP view (and without it, it does)."""
+  batch = _fixed_batch()
+  other = dict(batch, clip_lq=batch["clip_lq"][::-1].copy())
+  losses = {}
+  for windows in (False, True):
+    config = config_module.get_config("tiny")
+    with config.unlocked():
+      config.daclip.windows = windows
+    stage = (nafnet if config.trainer == "nafnet" else irsde).make_stage(config)
+    graphdef, init = loop.init_state_fn(stage)
+    state = jax.jit(init)()
+    # Non-zero everywhere (the zero-initialised conditioning paths would ignore any context).
+    leaves, tree = jax.tree.flatten(state["params"])
+    noise = [0.05 * jax.random.normal(jax.random.key(i), x.shape, x.dtype)
+             for i, x in enumerate(leaves)]
+    state = dict(state, params=jax.tree.unflatten(tree, [x + n for x, n in zip(leaves, noise)]))
+    loss = jax.jit(lambda s, b: stage.loss_fn(nnx.merge(graphdef, s["params"], s["rest"]), b,
+                                              loop.step_key(3), stage.aux)[0])
+    losses[windows] = (float(loss(state, batch)), float(loss(state, other)))
+  assert losses[True][0] == losses[True][1]
+  assert losses[False][0] != losses[False][1]

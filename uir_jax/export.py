@@ -491,6 +491,11 @@ def export_training_run(workdir: str, out_dir: str, *, step: int | None = None,
     raise ExportError(f"{workdir}: a {config.get('trainer')!r} run; only IR-SDE runs (trainer "
                       f"'irsde') have a restore function to export")
   cfg = ml_collections.ConfigDict(config)
+  view = ("windows" if dict(config.get("daclip", {})).get("windows")
+          else dict(config.get("data", {})).get("clip_view", "resize"))
+  if cfg.daclip.checkpoint and view != "resize":
+    raise ExportError(f"{workdir}: its DA-CLIP read the {view!r} CLIP view; exports embed the "
+                      f"photo resized to the CLIP's size (clip_view 'resize') only")
   model = nnx.eval_shape(lambda: common.build_model(cfg, nnx.Rngs(0)))  # no random init
   try:
     denoiser = model_from_run(model, state)

@@ -60,16 +60,52 @@ def clip_view(images: jax.Array, size: int) -> jax.Array:
   return jax.image.resize(images, images.shape[:1] + (size, size, 3), "bilinear", antialias=True)
 
 
+def window_views(lq: jax.Array, size: int) -> jax.Array:
+  """LQ [B, H, W, 3] in [0, 1] -> [B, n, size, size, 3]: full-resolution size² windows tiling it
+  (per axis ceil((H - size) / size) + 1 evenly spaced offsets from 0 to H - size: 2 x 2 on a 48²
+  patch, 3 x 3 on 96² for size 32), 8-bit rounded and OpenAI-normalised like the pipeline's
+  `clip_view="crop"` (whose centre window is one of them only when n is odd)."""
+  from uir_jax.preprocess import OPENAI_MEAN, OPENAI_STD
+
+  b, h, w, _ = lq.shape
+  if min(h, w) < size:
+    raise ValueError(f"daclip.windows needs images of at least the CLIP's {size} pixels, got "
+                     f"{h}x{w}")
+  def offsets(n):
+    count = -(-(n - size) // size) + 1
+    return [round(i * (n - size) / max(count - 1, 1)) for i in range(count)]
+  x = jnp.round(jnp.clip(lq.astype(jnp.float32), 0.0, 1.0) * 255.0) / 255.0
+  x = (x - jnp.asarray(OPENAI_MEAN)) / jnp.asarray(OPENAI_STD)
+  views = [x[:, t:t + size, l:l + size] for t in offsets(h) for l in offsets(w)]
+  return jnp.stack(views, axis=1)
+
+
+def daclip_embed(model: Any, clip_images: jax.Array, lq: jax.Array | None = None,
+                 windows: bool = False) -> tuple[jax.Array, jax.Array]:
+  """(content, degradation) embeddings of a DA-CLIP: of the pipeline's CLIP view, or with
+  `windows` the means over `window_views(lq)` (`daclip.windows`: the controller of a small CLIP
+  that reads full-resolution windows sees the whole LQ, not only its centre)."""
+  if not windows:
+    return model.encode_image(clip_view(clip_images, model.config.image_size), control=True)
+  size = model.config.image_size
+  views = window_views(lq, size)
+  b, n = views.shape[:2]
+  content, degradation = model.encode_image(views.reshape(b * n, size, size, 3), control=True)
+  return (content.reshape(b, n, -1).mean(axis=1), degradation.reshape(b, n, -1).mean(axis=1))
+
+
 def daclip_contexts(graphdef: Any, state: Any, clip_images: jax.Array, *, use_degra: bool,
-                    use_image: bool) -> tuple[jax.Array | None, jax.Array | None]:
+                    use_image: bool, lq: jax.Array | None = None,
+                    windows: bool = False) -> tuple[jax.Array | None, jax.Array | None]:
   """(text_context, image_context) = (degradation, content) embeddings, without gradients.
 
   `clip_images` is the pipeline's CLIP view of the LQ ([B, 224, 224, 3], OpenAI-normalised); a
-  DA-CLIP of another input size (the tiny test models) sees it resized with antialiasing.
+  DA-CLIP of another input size (the tiny test models) sees it resized with antialiasing. With
+  `windows`, the embeddings are averaged over full-resolution windows of `lq` instead
+  (`daclip_embed`).
   """
   model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
-  content, degradation = model.encode_image(clip_view(clip_images, model.config.image_size),
-                                            control=True)
+  content, degradation = daclip_embed(model, clip_images, lq, windows)
   content = jax.lax.stop_gradient(content.astype(jnp.float32))
   degradation = jax.lax.stop_gradient(degradation.astype(jnp.float32))
   return (degradation if use_degra else None), (content if use_image else None)

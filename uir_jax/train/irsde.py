@@ -34,12 +34,13 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
   daclip_def = frozen[0] if frozen else None
   use_degra, use_image = bool(config.model.use_degra_context), bool(config.model.use_image_context)
   tx, schedule = loop.make_optimizer(config.optimizer, config.total_steps)
+  windows = bool(config.daclip.windows)
 
   def contexts(aux, batch):
     if aux is None:
       return None, None
     return common.daclip_contexts(daclip_def, aux, batch["clip_lq"], use_degra=use_degra,
-                                  use_image=use_image)
+                                  use_image=use_image, lq=batch["lq"], windows=windows)
 
   def loss_fn(model, batch, key, aux):
     gt, lq = batch["gt"], batch["lq"]

@@ -46,12 +46,14 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
   daclip_def = frozen[0] if frozen else None
   use_degra, use_image = bool(config.model.use_degra_context), bool(config.model.use_image_context)
   tx, schedule = loop.make_optimizer(config.optimizer, config.total_steps)
+  windows = bool(config.daclip.windows)
 
   def forward(model, aux, batch):
     text_context = image_context = None
     if aux is not None:
       text_context, image_context = common.daclip_contexts(
-          daclip_def, aux, batch["clip_lq"], use_degra=use_degra, use_image=use_image)
+          daclip_def, aux, batch["clip_lq"], use_degra=use_degra, use_image=use_image,
+          lq=batch["lq"], windows=windows)
     return model(batch["lq"], text_context=text_context, image_context=image_context)
 
   def loss_fn(model, batch, key, aux):

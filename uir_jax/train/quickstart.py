@@ -97,6 +97,7 @@ def report(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   lq, gt, clip_lq = (np.asarray(batch[k])[keep] for k in ("lq", "gt", "clip_lq"))
   label = np.asarray(batch["label"])[keep]
 
+  windows = bool(config.stage2.daclip.windows)
   dgraph, dstate = nnx.split(dac)
   ngraph, nstate = nnx.split(net)
   word_ids = jnp.asarray(tokenize(names), jnp.int32)
@@ -104,8 +105,7 @@ def report(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   @jax.jit
   def run(dstate, nstate, lq, clip_lq):
     model = nnx.merge(dgraph, dstate)
-    content, degra = model.encode_image(common.clip_view(clip_lq, model.config.image_size),
-                                        control=True)
+    content, degra = common.daclip_embed(model, clip_lq, lq, windows)
     pred = (l2_normalize(degra) @ l2_normalize(model.encode_text(word_ids)).T).argmax(-1)
     restored = nnx.merge(ngraph, nstate)(
         lq, text_context=degra if net.use_degra_context else None,
