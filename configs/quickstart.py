@@ -34,7 +34,7 @@ def get_config(arg: str | None = None):
 
   s1 = common.base("daclip")
   s1.seed = c.seed
-  s1.total_steps = 250
+  s1.total_steps = 500
   s1.batch_size = 32
   s1.ema_decay = 0.0
   # The CLIP views are the LQ's full-resolution 32-px centre (a resize to 32 px would blur away
@@ -50,14 +50,14 @@ def get_config(arg: str | None = None):
   s1.eval = common.daclip_eval_config(names)
   s1.eval_batch = 96
   s1.log_every = 50
-  s1.eval_every = 250
-  s1.checkpoint_every = 250
+  s1.eval_every = 500
+  s1.checkpoint_every = 500
   s1.keep_checkpoints = 1
   c.stage1 = s1
 
   s2 = common.base("nafnet")
   s2.seed = c.seed
-  s2.total_steps = 1200
+  s2.total_steps = 1000
   s2.batch_size = 8
   s2.loss = "psnr"
   s2.ema_decay = 0.99
@@ -69,11 +69,15 @@ def get_config(arg: str | None = None):
                                   use_degra_context=True, use_image_context=True,
                                   global_color=True)
   s2.daclip.checkpoint = ""  # set to stage 1's workdir by the quickstart trainer
+  # The controller reads 32-px full-resolution windows: average its embeddings over windows
+  # tiling the LQ (2 x 2 on a 48-px patch, 3 x 3 on a 96-px report crop) rather than trusting
+  # the centre alone (a dark centre would read "low-light" and be brightened).
+  s2.daclip.windows = True
   s2.optimizer = common.optimizer_config(lr=2e-3, end_lr=1e-5, warmup_steps=50, b1=0.9, b2=0.99,
                                          grad_clip=1.0)
   s2.eval_batch = 16
   s2.log_every = 100
-  s2.eval_every = 1200
+  s2.eval_every = 1000
   s2.checkpoint_every = 300
   s2.keep_checkpoints = 1
   c.stage2 = s2
