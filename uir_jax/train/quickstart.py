@@ -178,7 +178,8 @@ above), but its content embedding is a random feature of the image, not a semant
 as with the released ViT-B/32: the restorer's gain from DA-CLIP here comes from the degradation
 embedding. With `--config.stage1.clip.checkpoint=<open_clip weights>`,
 `--config.stage1.clip.arch=ViT-B-32` and the released models' CLIP view (`data.clip_view=resize`
-and `data.clip_size=224` in both stages) the same run uses a real CLIP (much slower on a CPU).
+and `data.clip_size=224` in both stages, `stage2.daclip.windows=False`) the same run uses a real
+CLIP (much slower on a CPU).
 """
 
 
