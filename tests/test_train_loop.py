@@ -408,9 +408,9 @@ def test_daclip_windows_condition_the_restorer_on_the_lq_not_the_pipeline_view(c
     state = jax.jit(init)()
     # Non-zero everywhere (the zero-initialised conditioning paths would ignore any context).
     leaves, tree = jax.tree.flatten(state["params"])
-    noise = [0.05 * jax.random.normal(jax.random.key(i), x.shape, x.dtype)
+    noisy = [x + 0.05 * jax.random.normal(jax.random.key(i), x.shape, x.dtype)
              for i, x in enumerate(leaves)]
-    state = dict(state, params=jax.tree.unflatten(tree, [x + n for x, n in zip(leaves, noise)]))
+    state = dict(state, params=jax.tree.unflatten(tree, noisy))
     loss = jax.jit(lambda s, b: stage.loss_fn(nnx.merge(graphdef, s["params"], s["rest"]), b,
                                               loop.step_key(3), stage.aux)[0])
     losses[windows] = (float(loss(state, batch)), float(loss(state, other)))

@@ -67,7 +67,7 @@ def window_views(lq: jax.Array, size: int) -> jax.Array:
   `clip_view="crop"` (whose centre window is one of them only when n is odd)."""
   from uir_jax.preprocess import OPENAI_MEAN, OPENAI_STD
 
-  b, h, w, _ = lq.shape
+  h, w = lq.shape[1:3]
   if min(h, w) < size:
     raise ValueError(f"daclip.windows needs images of at least the CLIP's {size} pixels, got "
                      f"{h}x{w}")
@@ -76,7 +76,7 @@ def window_views(lq: jax.Array, size: int) -> jax.Array:
     return [round(i * (n - size) / max(count - 1, 1)) for i in range(count)]
   x = jnp.round(jnp.clip(lq.astype(jnp.float32), 0.0, 1.0) * 255.0) / 255.0
   x = (x - jnp.asarray(OPENAI_MEAN)) / jnp.asarray(OPENAI_STD)
-  views = [x[:, t:t + size, l:l + size] for t in offsets(h) for l in offsets(w)]
+  views = [x[:, top:top + size, left:left + size] for top in offsets(h) for left in offsets(w)]
   return jnp.stack(views, axis=1)
 
 
