@@ -491,8 +491,7 @@ def export_training_run(workdir: str, out_dir: str, *, step: int | None = None,
     raise ExportError(f"{workdir}: a {config.get('trainer')!r} run; only IR-SDE runs (trainer "
                       f"'irsde') have a restore function to export")
   cfg = ml_collections.ConfigDict(config)
-  view = ("windows" if dict(config.get("daclip", {})).get("windows")
-          else dict(config.get("data", {})).get("clip_view", "resize"))
+  view = "windows" if cfg.daclip.get("windows") else cfg.data.get("clip_view", "resize")
   if cfg.daclip.checkpoint and view != "resize":
     raise ExportError(f"{workdir}: its DA-CLIP read the {view!r} CLIP view; exports embed the "
                       f"photo resized to the CLIP's size (clip_view 'resize') only")
