@@ -56,6 +56,10 @@ def test_quickstart_tiny_runs_both_stages_reports_and_resumes(tmp_path, capsys, 
   assert restorer_run["step"] == 2 and "eval/psnr_restored" in restorer_run
   out = capsys.readouterr().out
   assert "resumed from step 1" in out and "resumed from step 2" in out
+  # The notebook started stage 2 with total_steps=1: the resume names that change, and only it.
+  warnings = [line for line in out.splitlines() if "warning: resuming" in line]
+  assert len(warnings) == 1 and warnings[0].startswith("[nafnet] "), warnings
+  assert warnings[0].endswith("started with: total_steps: 1 -> 2"), warnings
 
   report = json.load(open(os.path.join(workdir, "report.json")))
   assert report["types"] == NAMES and report["chance"] == pytest.approx(1 / len(NAMES))

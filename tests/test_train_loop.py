@@ -3,8 +3,10 @@
 stops the run before it is saved; the conditioned models learn and their conditioning receives
 gradients; `init_from` starts from the file's parameters; two processes equal one."""
 
+import contextlib
 import glob
 import importlib
+import io
 import json
 import os
 import random
@@ -109,9 +111,29 @@ def _trains_saves_resumes(config, workdir):
   assert json.load(open(os.path.join(workdir, "config.json")))["trainer"] == config.trainer
   assert glob.glob(os.path.join(workdir, f"{image}_0000003.png"))
   assert _steps(workdir) == [2, 3]
-  again = get_trainer(config.trainer)(config, workdir)
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    again = get_trainer(config.trainer)(config, workdir)
   assert again["step"] == 3 and score not in again
+  assert "resumed from step 3" in out.getvalue() and "warning" not in out.getvalue()  # same config
   return result
+
+
+def test_config_changes_names_every_changed_added_and_removed_field():
+  config = irsde_daclip_universal.get_config("tiny")
+  saved = json.loads(config.to_json_best_effort())
+  assert loop.config_changes(saved, config) == []  # tuples vs JSON lists are not changes
+  with config.unlocked():
+    config.total_steps += 1
+    config.optimizer.lr = 1e-3
+    config.extra = "x"
+  del saved["seed"]
+  changes = loop.config_changes(saved, config)
+  assert changes == ["extra: (absent) -> \"x\"",
+                     f"optimizer.lr: {saved['optimizer']['lr']} -> 0.001",
+                     f"seed: (absent) -> {config.seed}",
+                     f"total_steps: {config.total_steps - 1} -> {config.total_steps}"]
+  assert loop.config_changes(saved, config, limit=2)[2:] == ["... and 2 more"]
 
 
 @pytest.mark.slow

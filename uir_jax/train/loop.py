@@ -281,6 +281,35 @@ def resolve_total_steps(config: ml_collections.ConfigDict) -> ml_collections.Con
   return config
 
 
+def config_changes(saved: dict, config: ml_collections.ConfigDict, limit: int = 8) -> list[str]:
+  """The fields where `config` differs from `saved` (a workdir's config.json), as "a.b: old -> new"
+  (at most `limit` of them, then "... and N more"); both sides compared through JSON."""
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      if isinstance(v, dict):
+        out.update(flat(v, f"{prefix}{k}."))
+      else:
+        out[f"{prefix}{k}"] = v
+    return out
+
+  old, new = flat(saved), flat(json.loads(config.to_json_best_effort()))
+  show = lambda d, k: json.dumps(d[k]) if k in d else "(absent)"
+  changes = [f"{k}: {show(old, k)} -> {show(new, k)}" for k in sorted(set(old) | set(new))
+             if k not in old or k not in new or old[k] != new[k]]
+  if len(changes) > limit:
+    changes = changes[:limit] + [f"... and {len(changes) - limit} more"]
+  return changes
+
+
+def _saved_config(workdir: str) -> dict | None:
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -308,6 +337,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   parallel.initialize_distributed(config.distributed)
   if config.total_steps <= 0:
     config = resolve_total_steps(config)
+  saved = _saved_config(workdir)
   write_config(config, workdir)
   mesh = parallel.make_mesh(config.mesh)
   strategy = config.strategy
@@ -322,6 +352,11 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   ckpt = Checkpointer(workdir, save_every=config.checkpoint_every, keep=config.keep_checkpoints,
                       total_steps=config.total_steps)
   first_step = (ckpt.latest_step or 0) + 1
+  if ckpt.latest_step is not None and saved is not None and not quiet:
+    changes = config_changes(saved, config)
+    if changes:  # e.g. a workdir of an older config, or a run extended on purpose
+      print(f"[{stage.name}] warning: resuming {workdir} (step {ckpt.latest_step}) with a config "
+            f"that differs from the one it was started with: {'; '.join(changes)}", flush=True)
   # The input pipelines (tracing the degradation chains, the first batches: seconds) are built in
   # a background thread while the state is created and the step compiled.
   inputs = None if first_step > config.total_steps else _Inputs(config, stage, local_batch,
