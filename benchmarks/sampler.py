@@ -17,10 +17,12 @@ the PSNR of the difference from the 100-step posterior's samples on the same key
 
   python benchmarks/sampler.py --analytic          # 16 x 128² x 3 pixels, 5/10/20/50 calls
 
-`--trained WORKDIR` does the same comparison (PSNR to the ground truth and to the 100-step
-posterior) with a denoiser trained by `uir-jax train` on held-out crops of its config's data:
+`--trained WORKDIR` compares the modes with a denoiser trained by `uir-jax train`, on held-out
+crops of its config's data: PSNR to the ground truth, its paired gap to the 100-step posterior's
+(same crops and keys; mean and standard error) and the PSNR of the difference from it:
 
-  python benchmarks/sampler.py --trained workdir/quickstart --config configs/irsde_quickstart.py
+  python benchmarks/sampler.py --trained workdir/quickstart --config configs/irsde_quickstart.py \
+      --batch 32 --seeds 2
 
 Prints JSON lines: name, device, shape, value, unit (+ extras).
 """
@@ -146,11 +148,11 @@ def analytic(args, dev):
 
   for mode in ("posterior", "sde", "ode"):
     report(mode, sde.T, sde.sample(eps_fn, mu, key, mode, eps_args=eps_args))
-  for mode in FEW_STEP_MODES:
+  for mode in args.modes:
     for calls in args.calls:
       report(mode, calls, sde.sample(eps_fn, mu, key, mode, calls, eps_args=eps_args))
   if args.schedules:  # the other step spacing, for comparison
-    for mode in FEW_STEP_MODES:
+    for mode in args.modes:
       other_sched = "logsnr" if mode == "posterior" else "time"
       for calls in args.calls:
         x = sde.sample(eps_fn, mu, key, mode, calls, eps_args=eps_args, step_schedule=other_sched)
@@ -160,8 +162,11 @@ def analytic(args, dev):
 def trained(args, dev):
   """Restorations by a trained denoiser (a `uir-jax train` workdir) with every few-step mode.
 
-  Held-out crops of the config's eval stream; every run uses the same key (so the same x_T) and
-  the config's clip_x0. Reports PSNR against the ground truth and against the 100-step posterior.
+  Held-out crops of the config's eval stream, the config's clip_x0. For each of `--seeds` keys
+  every mode starts from the same x_T; the paired gap PSNR(mode) − PSNR(100-step posterior) (to
+  the ground truth, per crop and key, same x_T) is reported as a mean with its standard error,
+  next to the same gap for the 100-step posterior run on another key (the reference's own
+  run-to-run spread), and the PSNR of the difference from the 100-step posterior.
   """
   import importlib.util
   import os
@@ -182,37 +187,56 @@ def trained(args, dev):
   stage = irsde.make_stage(config)
   graphdef, init = loop.init_state_fn(stage)
   ckpt = Checkpointer(args.trained, save_every=1, keep=1000)
-  step = ckpt.latest_step
-  state = ckpt.restore(abstract_like(jax.eval_shape(init)))
+  step = args.step if args.step is not None else ckpt.latest_step
+  state = ckpt.restore(abstract_like(jax.eval_shape(init)), step=step)
   ckpt.close()
   batch = next(iter(pipelines.from_config(config.data, batch_size=args.batch, seed=config.seed + 1,
                                           train=False, process_index=0, process_count=1)))
   lq, gt = jnp.asarray(batch["lq"]), np.asarray(batch["gt"])
   sde = IRSDE(**config.sde)
   eps_fn, eps_args = denoiser_eps_fn(graphdef), ((state["ema"], state["rest"]), None, None)
-  key, clip = jax.random.key(args.seed), bool(config.eval.clip_x0)
-  base = dict(device=dev, shape=list(lq.shape), checkpoint_step=int(step), clip_x0=clip)
+  clip = bool(config.eval.clip_x0)
+  base = dict(device=dev, shape=list(lq.shape), checkpoint_step=int(step), clip_x0=clip,
+              seeds=args.seeds)
+  keys = [jax.random.key(args.seed + i) for i in range(args.seeds)]
 
-  def run(mode, calls):
-    out = sde.sample(eps_fn, lq, key, mode, calls, eps_args=eps_args, clip_x0=clip)
+  def run(key, mode, calls, schedule=None):
+    out = sde.sample(eps_fn, lq, key, mode, calls, eps_args=eps_args, clip_x0=clip,
+                     step_schedule=schedule)
     return np.clip(np.asarray(out), 0.0, 1.0)
 
-  ref = run("posterior", None)
+  def scores(outs):  # PSNR to the ground truth, [seeds, crops]
+    return np.stack([np.asarray(psnr(o, gt)) for o in outs])
 
-  def report(mode, calls, out):
-    emit(name="sampler/trained_psnr_vs_gt", value=round(float(np.mean(psnr(out, gt))), 3),
-         unit="dB", mode=mode, calls=calls, **base)
-    if not (mode == "posterior" and calls == sde.T):
-      diff = 10 * np.log10(1.0 / np.mean((out - ref) ** 2))
-      emit(name="sampler/trained_psnr_vs_posterior100", value=round(float(diff), 2), unit="dB",
-           mode=mode, calls=calls, **base)
+  refs = [run(k, "posterior", None) for k in keys]
+  ref_psnr = scores(refs)
+
+  def report(mode, calls, outs, **extra):
+    p = scores(outs)
+    gap = (p - ref_psnr).ravel()
+    diff = np.mean([10 * np.log10(1.0 / np.mean((o - r) ** 2)) for o, r in zip(outs, refs,
+                                                                                strict=True)])
+    emit(name="sampler/trained_psnr_vs_gt", value=round(float(p.mean()), 3), unit="dB",
+         mode=mode, calls=calls, **base, **extra)
+    emit(name="sampler/trained_gap_to_posterior100", value=round(float(gap.mean()), 3),
+         unit="dB", stderr=round(float(gap.std(ddof=1) / np.sqrt(gap.size)), 3), mode=mode,
+         calls=calls, **base, **extra)
+    emit(name="sampler/trained_psnr_vs_posterior100", value=round(float(diff), 2), unit="dB",
+         mode=mode, calls=calls, **base, **extra)
 
   emit(name="sampler/trained_psnr_vs_gt", value=round(float(np.mean(psnr(np.asarray(lq), gt))), 3),
        unit="dB", mode="degraded input", calls=0, **base)
-  report("posterior", sde.T, ref)
-  for mode in FEW_STEP_MODES:
-    for calls in args.calls:
-      report(mode, calls, run(mode, calls))
+  emit(name="sampler/trained_psnr_vs_gt", value=round(float(ref_psnr.mean()), 3), unit="dB",
+       mode="posterior", calls=sde.T, **base)
+  # The reference's own spread: the 100-step posterior on other keys (other x_T and step noise).
+  report("posterior, other key", sde.T,
+         [run(jax.random.key(args.seed + 1000 + i), "posterior", None) for i in range(args.seeds)])
+  for mode in args.modes:
+    schedules = [None] + (["logsnr" if mode == "posterior" else "time"] if args.schedules else [])
+    for schedule in schedules:
+      extra = {} if schedule is None else dict(step_schedule=schedule)
+      for calls in args.calls:
+        report(mode, calls, [run(k, mode, calls, schedule) for k in keys], **extra)
 
 
 def _time(fn, repeats):
@@ -240,14 +264,20 @@ def main(argv=None):
                  help="accuracy in the Gaussian case instead of time (--size 128 --batch 16)")
   p.add_argument("--calls", type=int, nargs="+", default=[5, 10, 20, 50],
                  help="--analytic: network calls for the few-step modes")
+  p.add_argument("--modes", nargs="+", default=list(FEW_STEP_MODES), choices=FEW_STEP_MODES,
+                 help="--analytic, --trained: the few-step modes to compare")
   p.add_argument("--schedules", action="store_true",
-                 help="--analytic: also each few-step mode with its non-default step spacing")
+                 help="--analytic, --trained: also each few-step mode with its non-default step "
+                      "spacing")
   p.add_argument("--trained", default=None, metavar="WORKDIR",
                  help="restorations by the trained denoiser in this `uir-jax train` workdir "
                       "(latest checkpoint, EMA weights) instead of timing; with --config")
   p.add_argument("--config", default="configs/irsde_quickstart.py",
                  help="--trained: the config file the workdir was trained with")
-  p.add_argument("--seed", type=int, default=0, help="--trained: sampling key")
+  p.add_argument("--seed", type=int, default=0, help="--trained: first sampling key")
+  p.add_argument("--seeds", type=int, default=1, help="--trained: sampling keys per mode")
+  p.add_argument("--step", type=int, default=None,
+                 help="--trained: checkpoint step to load (default: the latest)")
   args = p.parse_args(argv)
 
   device = jax.devices()[0]
