@@ -284,16 +284,9 @@ def resolve_total_steps(config: ml_collections.ConfigDict) -> ml_collections.Con
 def config_changes(saved: dict, config: ml_collections.ConfigDict, limit: int = 8) -> list[str]:
   """The fields where `config` differs from `saved` (a workdir's config.json), as "a.b: old -> new"
   (at most `limit` of them, then "... and N more"); both sides compared through JSON."""
-  def flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-      if isinstance(v, dict):
-        out.update(flat(v, f"{prefix}{k}."))
-      else:
-        out[f"{prefix}{k}"] = v
-    return out
+  from uir_jax.convert.common import flat_params
 
-  old, new = flat(saved), flat(json.loads(config.to_json_best_effort()))
+  old, new = flat_params(saved), flat_params(json.loads(config.to_json_best_effort()))
   show = lambda d, k: json.dumps(d[k]) if k in d else "(absent)"
   changes = [f"{k}: {show(old, k)} -> {show(new, k)}" for k in sorted(set(old) | set(new))
              if k not in old or k not in new or old[k] != new[k]]
