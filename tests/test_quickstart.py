@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import common, quickstart
-from uir_jax.train import quickstart as qs
+from uir_jax.systems.daclip_uir import quickstart as qs
 
 NAMES = [name for name, _ in common.SYNTHETIC_TASKS]
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
