@@ -201,10 +201,15 @@ class ExportedModel:
       contexts = self.embed(images)
     ctx = {name: jnp.asarray(contexts[name], jnp.float32) for name in self.contexts}
     _, h, w, _ = images.shape
-    _, exp, ph, pw = self._fit(h, w, pad_multiple)
-    if (ph, pw) != (h, w):  # reflect on the bottom/right, as Restorer(pad_multiple) does
-      images = np.pad(images, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)), mode="reflect")
-    out = exp.call(self.denoiser_params, jnp.asarray(images), key_data, ctx)
+    spec, exp, ph, pw = self._fit(h, w, pad_multiple)
+    if (ph, pw) != (h, w):  # on the bottom/right: reflect, as Restorer(pad_multiple) does, or
+      # zeros where the network pads so itself (NAFNet regression exports)
+      zeros = str(self.manifest["preprocessing"]["pad"]["mode"]).startswith("zeros")
+      images = np.pad(images, ((0, 0), (0, ph - h), (0, pw - w), (0, 0)),
+                      mode="constant" if zeros else "reflect")
+    # Regression functions also take the photo's size within the padded batch.
+    size = (jnp.asarray([h, w], jnp.int32),) if spec.get("takes_size") else ()
+    out = exp.call(self.denoiser_params, jnp.asarray(images), key_data, ctx, *size)
     return out[:, :h, :w]
 
 

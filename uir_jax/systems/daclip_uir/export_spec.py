@@ -76,11 +76,16 @@ def _restore_function(graphdef: Any, template: Any, sde: Any, *, mode: str,
   from uir_jax.sampling import denoiser_eps_fn, tiled_eps_fn
 
   if sde is None:
-    def regress(params, lq, key_data, contexts):
+    def regress(params, lq, key_data, contexts, size):
+      # size: the photo's (h, w) inside the padded lq, for the mean colour of the photo alone.
       del key_data
       net = nnx.merge(graphdef, _state_from_flat(template, params))
+      rows = jnp.arange(lq.shape[1])[:, None] < size[0]
+      cols = jnp.arange(lq.shape[2])[None, :] < size[1]
+      mask = (rows & cols).astype(jnp.float32)[None, :, :, None]
+      mean = jnp.sum(lq * mask, axis=(1, 2)) / (size[0] * size[1]).astype(jnp.float32)
       out = net(lq, text_context=contexts.get("degradation"),
-                image_context=contexts.get("content"))
+                image_context=contexts.get("content"), mean_color=mean)
       return jnp.clip(out, 0.0, 1.0)
 
     return regress
@@ -193,6 +198,8 @@ def export_models(denoiser: Any, daclip: Any | None, out_dir: str, *, sde: Any,
                            tile_batch=tile_batch)
     args = (_abstract(flat), jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32), key_spec,
             {c: jax.ShapeDtypeStruct((b, ctx_dim), jnp.float32) for c in contexts})
+    if sde is None:  # the regression function also takes the photo's size (`takes_size`)
+      args += (jax.ShapeDtypeStruct((2,), jnp.int32),)
     try:
       exported[name] = jax.export.export(jax.jit(fn), platforms=platforms)(*args)
     except Exception as e:  # noqa: BLE001 - say which export failed and how to get another
@@ -208,7 +215,7 @@ def export_models(denoiser: Any, daclip: Any | None, out_dir: str, *, sde: Any,
                            "multiple": multiple if size is None else None,
                            "tile": use_tile, "tile_overlap": tile_overlap if use_tile else None,
                            "tile_batch": tile_batch if use_tile else None,
-                           "denoiser_id": denoiser_id})
+                           "takes_size": sde is None, "denoiser_id": denoiser_id})
 
   daclip_flat, daclip_id, embed_spec, daclip_info = None, None, None, None
   if daclip is not None:
@@ -255,7 +262,9 @@ def export_models(denoiser: Any, daclip: Any | None, out_dir: str, *, sde: Any,
       "sampler": {"mode": mode, "num_steps": num_steps, "clip_x0": bool(clip_x0)},
       "preprocessing": {
           "input": "float32 RGB [B, H, W, 3] in [0, 1] (8-bit photos / 255)",
-          "pad": {"mode": "reflect (numpy)", "sides": "bottom and right",
+          # A direct NAFNet pads its input with zeros itself (as the reference): the same here.
+          "pad": {"mode": "reflect (numpy)" if sde is not None else "zeros",
+                  "sides": "bottom and right",
                   "to": f"a multiple of {multiple}" if sizes is None
                         else "the smallest exported size that holds the photo"},
           "output": "float32 [B, H, W, 3] clipped to [0, 1], cropped to the input size",
