@@ -52,6 +52,7 @@ def _photo(seed=0, h=40, w=52):
   return jax.random.uniform(jax.random.key(seed), (1, h, w, 3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("view", ["windows", "crop", None])
 def test_regression_run_restores_and_exports(tmp_path, view):
   from flax import nnx
@@ -99,6 +100,7 @@ def test_regression_run_restores_and_exports(tmp_path, view):
       np.testing.assert_allclose(np.asarray(exported[k]), np.asarray(emb[k]), atol=TOL)
 
 
+@pytest.mark.slow
 def test_restore_run_runs_daclip_once_per_photo(tmp_path, monkeypatch, capsys):
   """`uir-jax restore --run` and `--model`: one DA-CLIP embedding per photo feeds both the
   restorer and the printed degradation."""
