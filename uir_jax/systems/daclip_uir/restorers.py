@@ -215,10 +215,14 @@ def _trainer(workdir: str) -> str | None:
 
 
 def restorer_dir(workdir: str) -> str:
-  """The run in `workdir` that holds a restorer: itself, or a quickstart's `2_restorer` stage."""
+  """The run in `workdir` that holds a restorer: itself, or a quickstart's `2_restorer` stage
+  (the quickstart's top workdir holds its stages' runs, each with its config)."""
   from uir_jax.systems.daclip_uir.quickstart import STAGE_DIRS
 
-  return os.path.join(workdir, STAGE_DIRS[1]) if _trainer(workdir) == "quickstart" else workdir
+  stage = os.path.join(workdir, STAGE_DIRS[1])
+  if _trainer(workdir) in (None, "quickstart") and _trainer(stage) is not None:
+    return stage
+  return workdir
 
 
 def run_trainer(workdir: str) -> str | None:
