@@ -59,15 +59,18 @@ def detect_kind(ckpt: Mapping[str, Any]) -> str:
   return "denoiser"  # the denoiser loaders name what they miss if it is not one either
 
 
-def to_safetensors(src: Any, dest: str, kind: str | None = None) -> str:
-  """Writes the network state_dict of `src` (a path or a mapping) to `dest`; returns its kind."""
+def to_safetensors(src: Any, dest: str, kind: str | None = None, *, trust: bool = False) -> str:
+  """Writes the network state_dict of `src` (a path or a mapping) to `dest`; returns its kind.
+
+  `trust=True` reads a PyTorch `src` with plain pickle, which runs code from the file (see
+  `read_state_dict`); the written file holds arrays only."""
   from safetensors.numpy import save_file
 
   if kind is not None and kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
   if not str(dest).endswith(".safetensors"):
     raise ValueError(f"output must be a .safetensors file, got {dest}")
-  ckpt = read_state_dict(src)
+  ckpt = read_state_dict(src, trust=trust)
   kind = kind or detect_kind(ckpt)
   unwrap, load = _loaders()[kind]
   sd = unwrap(ckpt)
