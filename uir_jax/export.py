@@ -431,18 +431,22 @@ def export_checkpoints(unet_path: str, daclip_path: str | None, out_dir: str, *,
   with plain pickle, which runs code from them (see `convert.common.read_state_dict`)."""
   from uir_jax.convert import nafnet, unet
   from uir_jax.convert.clip import load_daclip
-  from uir_jax.convert.common import read_state_dict
+  from uir_jax.convert.common import checkpoint_errors, read_state_dict
   from uir_jax.convert.denoiser import load_denoiser
   from uir_jax.sde import IRSDE
 
-  sd = read_state_dict(unet_path, trust=trust)
-  keys = nafnet.unwrap_state_dict(sd)
-  if "intro.weight" in keys:
-    spec = {"name": "cnafnet", "options": nafnet.infer_options(keys)}
-  else:
-    spec = {"name": "unet", "options": unet.infer_options(unet.unwrap_state_dict(sd))}
-  denoiser = load_denoiser(sd)
-  daclip = load_daclip(daclip_path, trust=trust) if daclip_path else None
+  daclip = None
+  if daclip_path:  # (first, as `Restorer.from_checkpoints`: the cheaper refusal)
+    with checkpoint_errors(daclip_path):  # a refusal names the file that was refused
+      daclip = load_daclip(daclip_path, trust=trust)
+  with checkpoint_errors(unet_path):
+    sd = read_state_dict(unet_path, trust=trust)
+    keys = nafnet.unwrap_state_dict(sd)
+    if "intro.weight" in keys:
+      spec = {"name": "cnafnet", "options": nafnet.infer_options(keys)}
+    else:
+      spec = {"name": "unet", "options": unet.infer_options(unet.unwrap_state_dict(sd))}
+    denoiser = load_denoiser(sd)
   sources = {"denoiser": _source_file(unet_path)}
   if daclip_path:
     sources["daclip"] = (_source_file(daclip_path) if os.path.isfile(daclip_path)

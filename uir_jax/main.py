@@ -232,7 +232,9 @@ def _eval(argv):
         metrics[name] = getattr(importlib.import_module(module), fn)(
             path, trust=FLAGS.trust_checkpoint)
       except Exception as e:  # noqa: BLE001 - a wrong or corrupt file: say which, no traceback
-        fail(f"cannot load --{name} {path}: {one_line(e)}")
+        text = one_line(e)  # (our errors name the file already)
+        fail(f"cannot load --{name}: {text}" if path in text else
+             f"cannot load --{name} {path}: {text}")
   if FLAGS.niqe or FLAGS.niqe_params:
     from uir_jax.metrics.niqe import NIQE
 

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from uir_jax.convert.common import (
+  CheckpointError,
   ConversionError,
   Rule,
   assign,
@@ -344,7 +345,10 @@ def _load_daclip_run(workdir: str) -> DaCLIP:
   from uir_jax.models.clip import get_config
   from uir_jax.models.daclip import TRAINABLE
 
-  config, state = read_training_run(workdir)
+  try:
+    config, state = read_training_run(workdir)
+  except FileNotFoundError as e:  # a directory that is no run of ours: not a DA-CLIP checkpoint
+    raise CheckpointError(str(e)) from e
   if config.get("trainer") != "daclip":
     raise ConversionError(f"{workdir}: a {config.get('trainer')!r} run, not a DA-CLIP one")
   abstract = nnx.eval_shape(lambda: DaCLIP(get_config(config["clip"]["arch"]),

@@ -366,12 +366,12 @@ def refused_globals(message: str) -> list[str]:
 
 
 def _short_reason(e: BaseException) -> str:
-  """The first sentence of a loader's error, without torch's advice to load unsafely."""
+  """" (why)" from torch's zip reader, whose first sentence says what is wrong with the archive;
+  "" for unpickling errors (an opcode number, or advice to load the file unsafely)."""
+  if not isinstance(e, RuntimeError):
+    return ""
   text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", " ".join(str(e).split()))
-  if not text or "weights_only" in text or "Weights only" in text:
-    return type(e).__name__
-  first = text.split(". ")[0]
-  return f"{type(e).__name__}: {first[:200]}"
+  return f" ({text.split('. ')[0][:200]})" if text else ""
 
 
 def load_torch_file(path: str, *, trust: bool = False) -> Any:
@@ -398,7 +398,7 @@ def load_torch_file(path: str, *, trust: bool = False) -> Any:
     try:
       return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - whatever the file held: one line naming it
-      raise CheckpointError(f"{path}: cannot load it ({_short_reason(e)})") from e
+      raise CheckpointError(f"{path}: cannot load it ({one_line(e)[:300]})") from e
   # Scoped to this call (torch keeps one process-wide set): what the caller allowed stays.
   present = set(torch.serialization.get_safe_globals())
   allowed = [g for g in _torch_safe_globals() if g not in present]
@@ -415,11 +415,11 @@ def load_torch_file(path: str, *, trust: bool = False) -> Any:
         names = []
     if names or "GLOBAL" in str(e):
       raise UntrustedCheckpointError(path, names) from e
-    raise CheckpointError(f"{path}: not a PyTorch checkpoint, or a corrupt one "
-                          f"({_short_reason(e)})") from e
+    raise CheckpointError(f"{path}: not a PyTorch checkpoint, or a truncated / corrupt one"
+                          f"{_short_reason(e)}") from e
   except Exception as e:  # noqa: BLE001 - truncated zips, text, other archives: one line
-    raise CheckpointError(f"{path}: not a PyTorch checkpoint, or a truncated / corrupt one "
-                          f"({_short_reason(e)})") from e
+    raise CheckpointError(f"{path}: not a PyTorch checkpoint, or a truncated / corrupt one"
+                          f"{_short_reason(e)}") from e
 
 
 def read_state_dict(path_or_state_dict: Any, *, trust: bool = False) -> Mapping[str, Any]:
@@ -445,7 +445,7 @@ def read_state_dict(path_or_state_dict: Any, *, trust: bool = False) -> Mapping[
         return load_file(path)
       except Exception as e:  # noqa: BLE001 - SafetensorError and friends: one line naming it
         raise CheckpointError(f"{path}: not a readable .safetensors file "
-                              f"({_short_reason(e)})") from e
+                              f"({one_line(e)[:200]})") from e
     ckpt = load_torch_file(path, trust=trust)
     if not isinstance(ckpt, Mapping):
       raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a state_dict (a mapping "
@@ -466,13 +466,25 @@ def one_line(e: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def checkpoint_errors(what: str) -> Iterator[None]:
-  """Any error while loading the checkpoint named `what` (e.g. "init_from x.pth") becomes one
-  `CheckpointError` line starting with it (the original is chained), so that a command can refuse
-  a wrong, corrupt or untrusted file with one line instead of a traceback."""
+def checkpoint_errors(path: Any, field: str = "") -> Iterator[None]:
+  """Any error while loading the checkpoint `path` becomes one `CheckpointError` line naming it
+  ("[field ]path: problem"; the original is chained), so that a command refuses a wrong, corrupt
+  or untrusted file with one line instead of a traceback. A missing file stays FileNotFoundError
+  and an `UntrustedCheckpointError` stays itself (both name the file). Not a path: unchanged."""
+  import os
+
+  if not isinstance(path, (str, os.PathLike)):
+    yield
+    return
+  path = os.fspath(path)
   try:
     yield
-  except UntrustedCheckpointError:
-    raise  # names the file and the opt-in already
+  except (FileNotFoundError, UntrustedCheckpointError):
+    raise
   except Exception as e:  # noqa: BLE001 - wrong kind, corrupt, mismatched: named, one line
-    raise CheckpointError(f"{what}: {one_line(e)}") from e
+    text = one_line(e)
+    if path not in text:
+      text = f"{path}: {text}"
+    elif isinstance(e, CheckpointError) and not field:
+      raise
+    raise CheckpointError(f"{field} {text}" if field else text) from e

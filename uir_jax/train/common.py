@@ -52,7 +52,7 @@ def load_frozen_daclip(cfg: ml_collections.ConfigDict, seed: int, *, trust: bool
       raise FileNotFoundError(f"daclip.checkpoint: no such file or training run {path!r}")
     from uir_jax.convert.common import checkpoint_errors
 
-    with checkpoint_errors(f"daclip.checkpoint {path}"):
+    with checkpoint_errors(path, "daclip.checkpoint"):
       model = load_daclip(path, trust=trust)
   graphdef, state = nnx.split(model)
   return graphdef, state

@@ -116,7 +116,7 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
 
       if not os.path.isfile(c.checkpoint):
         raise FileNotFoundError(f"clip.checkpoint: no such file {c.checkpoint!r}")
-      with checkpoint_errors(f"clip.checkpoint {c.checkpoint}"):
+      with checkpoint_errors(c.checkpoint, "clip.checkpoint"):
         clip = load_clip(c.checkpoint, trust=config.get("trust_checkpoint", False))
     if clip.config != arch:
       raise ValueError(f"clip.arch is {c.arch!r} but {c.checkpoint} holds {clip.config}")

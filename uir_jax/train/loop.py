@@ -418,7 +418,7 @@ def _load_init_from(config: ml_collections.ConfigDict, stage: Stage) -> Any:
 
   if stage.load_params is None:
     raise ValueError(f"init_from is set, but the {stage.name} stage cannot load parameters")
-  with checkpoint_errors(f"init_from {config.init_from}"):
+  with checkpoint_errors(config.init_from, "init_from"):
     return stage.load_params(config.init_from, trust=bool(config.get("trust_checkpoint", False)))
 
 
