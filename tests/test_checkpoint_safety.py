@@ -291,6 +291,23 @@ def test_trust_runs_the_file_only_when_asked(files, tmp_path):
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_a_whole_pickled_model_needs_trust(tmp_path):
+  """`torch.save(model)` pickles the module's class: refused naming it; trusted, its state_dict."""
+  torch_unet = pytest.importorskip("torch_unet")
+  from uir_jax.convert.unet import load_unet
+
+  model = torch_unet.randomize_(torch_unet.ConditionalUNet(nf=8, ch_mult=(1, 2), context_dim=0,
+                                                           use_degra_context=False,
+                                                           use_image_context=False))
+  path = str(tmp_path / "whole.pth")
+  torch.save(model, path)
+  with pytest.raises(UntrustedCheckpointError, match="torch_unet.ConditionalUNet"):
+    load_unet(path)
+  unet = load_unet(path, trust=True)
+  x = np.asarray(unet.init_conv.kernel[...])
+  np.testing.assert_array_equal(x, model.init_conv.weight.detach().numpy().transpose(2, 3, 1, 0))
+
+
 def test_trust_checkpoint_flag_reaches_every_command(files, restore_absl_logging, tmp_path):
   """Given --trust_checkpoint, each command loads the crafted file (its marker appears); without
   it, none does. The payload wraps a state_dict of no known model, so every command then refuses

@@ -447,6 +447,8 @@ def read_state_dict(path_or_state_dict: Any, *, trust: bool = False) -> Mapping[
         raise CheckpointError(f"{path}: not a readable .safetensors file "
                               f"({one_line(e)[:200]})") from e
     ckpt = load_torch_file(path, trust=trust)
+    if trust and not isinstance(ckpt, Mapping) and callable(getattr(ckpt, "state_dict", None)):
+      ckpt = ckpt.state_dict()  # a whole pickled model, `torch.save(model)`
     if not isinstance(ckpt, Mapping):
       raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a state_dict (a mapping "
                             f"of names to tensors)")
