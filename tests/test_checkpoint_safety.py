@@ -175,9 +175,10 @@ def _train_args(files, path):
 # Each command that reads a checkpoint, with the file under test in the place named.
 ENTRY_POINTS = {
     "convert": lambda f, p: ["convert", p, f["dir"] / "out.safetensors"],
-    "restore --unet": lambda f, p: ["restore", f"--unet={p}", f["photo"]],
+    "restore --unet": lambda f, p: ["restore", f"--unet={p}", f"--output_dir={f['dir'] / 'out'}",
+                                     f["photo"]],
     "restore --daclip": lambda f, p: ["restore", f"--unet={f['plain']}", f"--daclip={p}",
-                                      f["photo"]],
+                                      f"--output_dir={f['dir'] / 'out'}", f["photo"]],
     "export --unet": lambda f, p: ["export", f"--unet={p}", f"--out={f['dir'] / 'export'}"],
     "export --daclip": lambda f, p: ["export", f"--unet={f['plain']}", f"--daclip={p}",
                                      f"--out={f['dir'] / 'export'}"],
