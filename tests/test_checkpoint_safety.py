@@ -378,3 +378,21 @@ def test_refused_globals_parses_torchs_messages():
                                 "'foo.Bar'>") == ["foo.Bar"]
   assert common.refused_globals("Unsupported operand 223") == []
 
+
+
+def test_training_configs_daclip_checkpoint_is_read_as_data(tmp_path):
+  """`daclip.checkpoint` (the frozen DA-CLIP of a restoration run; also what `export --workdir`
+  reads): refused without `trust_checkpoint`, named by its field when it is the wrong kind."""
+  import ml_collections
+
+  from uir_jax.train import common as train_common
+
+  marker = tmp_path / "MARKER"
+  path = save_crafted(tmp_path / "daclip.pt", {"foo.weight": torch.zeros(2)}, marker)
+  cfg = ml_collections.ConfigDict(dict(checkpoint=path, windows=False))
+  with pytest.raises(UntrustedCheckpointError, match="io.open"):
+    train_common.load_frozen_daclip(cfg, 0)
+  assert not marker.exists()
+  with pytest.raises(CheckpointError, match=r"^daclip.checkpoint .*daclip.pt: cannot infer"):
+    train_common.load_frozen_daclip(cfg, 0, trust=True)
+  assert marker.exists()
