@@ -29,9 +29,10 @@ from bench_util import device_name, emit, memory, time_adamw_step, timeit
 from flax import nnx
 
 from uir_jax import losses
+from uir_jax.denoiser import make_eps_fn
+from uir_jax.diffusion.irsde import IRSDE
+from uir_jax.diffusion.tiling import tiled_eps_fn
 from uir_jax.models.unet import ConditionalUNet
-from uir_jax.sampling import make_eps_fn, tiled_eps_fn
-from uir_jax.sde import IRSDE
 
 
 def bench_forward_and_train(args, dtype: str):

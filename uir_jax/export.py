@@ -160,8 +160,9 @@ def _restore_function(graphdef: Any, template: Any, sde: Any, *, mode: str,
                       num_steps: int | None, clip_x0: bool, tile: int | None, tile_overlap: int,
                       tile_batch: int):
   """restore(params, lq, key_data, contexts) -> clipped restoration, as `Restorer.__call__` does
-  it on an already padded batch (the sampler's denoiser is `sampling.denoiser_eps_fn`)."""
-  from uir_jax.sampling import denoiser_eps_fn, tiled_eps_fn
+  it on an already padded batch (the sampler's denoiser is `denoiser.denoiser_eps_fn`)."""
+  from uir_jax.denoiser import denoiser_eps_fn
+  from uir_jax.diffusion.tiling import tiled_eps_fn
 
   eps_fn = denoiser_eps_fn(graphdef)
   if tile is not None:
@@ -433,7 +434,7 @@ def export_checkpoints(unet_path: str, daclip_path: str | None, out_dir: str, *,
   from uir_jax.convert.clip import load_daclip
   from uir_jax.convert.common import checkpoint_errors, read_state_dict
   from uir_jax.convert.denoiser import load_denoiser
-  from uir_jax.sde import IRSDE
+  from uir_jax.diffusion.irsde import IRSDE
 
   daclip = None
   if daclip_path:  # (first, as `Restorer.from_checkpoints`: the cheaper refusal)
@@ -481,7 +482,7 @@ def export_training_run(workdir: str, out_dir: str, *, step: int | None = None,
   from flax import nnx
 
   from uir_jax.checkpoint import model_from_run, read_training_run
-  from uir_jax.sde import IRSDE
+  from uir_jax.diffusion.irsde import IRSDE
   from uir_jax.train import common
 
   steps_dir = os.path.join(workdir, "checkpoints")
@@ -771,7 +772,7 @@ def load_flax(directory: str) -> tuple[Any, Any, Any, dict[str, Any]]:
 
   from uir_jax.checkpoint import load_tree
   from uir_jax.convert.common import unflatten
-  from uir_jax.sde import IRSDE
+  from uir_jax.diffusion.irsde import IRSDE
   from uir_jax.train.common import build_model
 
   manifest = read_manifest(directory)

@@ -6,16 +6,16 @@
 
 Design: modules are split once (`nnx.split`) and the pure functions are jitted over
 (graphdef, state); the sampler's denoiser is one cached function object per graphdef
-(`sampling.denoiser_eps_fn`), so repeated calls with the same image shape never recompile, and the
+(`denoiser.denoiser_eps_fn`), so repeated calls with the same image shape never recompile, and the
 weights travel as arguments instead of being baked into the program as constants.
 
-Large images: `sampling.tiled_eps_fn` evaluates the denoiser on overlapping tiles at every sampler
-step and blends them; the sampler, its noise and the DA-CLIP conditioning stay global.
+Large images: `diffusion.tiling.tiled_eps_fn` evaluates the denoiser on overlapping tiles at
+every sampler step and blends them; the sampler, its noise and the DA-CLIP conditioning stay global.
 
-This is the top of the inference stack: the pieces below it (`sampling`: eps adapters and tiling;
-`photos`: reading and writing photos; `convert.denoiser`: loading a denoiser of either
-architecture) are separate modules that trainers, converters and evaluation import directly. They
-are re-exported here for the users of the pipeline.
+This is the top of the inference stack: the pieces below it (`denoiser`: eps adapters;
+`diffusion.tiling`: tiling; `photos`: reading and writing photos; `convert.denoiser`: loading a
+denoiser of either architecture) are separate modules that trainers, converters and evaluation
+import directly. They are re-exported here for the users of the pipeline.
 """
 
 from __future__ import annotations
@@ -30,15 +30,10 @@ import numpy as np
 from flax import nnx
 
 from uir_jax.convert.denoiser import load_denoiser
+from uir_jax.denoiser import denoiser_eps_fn, make_eps_fn
+from uir_jax.diffusion.irsde import IRSDE
+from uir_jax.diffusion.tiling import check_tiling, tile_starts, tiled_eps_fn
 from uir_jax.photos import read_rgb, to_uint8
-from uir_jax.sampling import (
-    _check_tiling,
-    denoiser_eps_fn,
-    make_eps_fn,
-    tile_starts,
-    tiled_eps_fn,
-)
-from uir_jax.sde import IRSDE
 
 __all__ = ["Restorer", "daclip_embeddings", "denoiser_eps_fn", "load_denoiser", "make_eps_fn",
            "read_rgb", "tile_starts", "tiled_eps_fn", "to_uint8"]
@@ -105,7 +100,7 @@ class Restorer:
       raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
     self.pad_multiple = pad_multiple
     if tile is not None:
-      _check_tiling(tile, tile_overlap, tile_batch)  # early, before any sampling
+      check_tiling(tile, tile_overlap, tile_batch)  # early, before any sampling
 
   @classmethod
   def from_checkpoints(cls, daclip_path: str | None, unet_path: str, *, trust: bool = False,

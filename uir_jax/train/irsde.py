@@ -19,8 +19,8 @@ import ml_collections
 from flax import nnx
 
 from uir_jax import losses
-from uir_jax.sampling import denoiser_eps_fn
-from uir_jax.sde import IRSDE
+from uir_jax.denoiser import denoiser_eps_fn
+from uir_jax.diffusion.irsde import IRSDE
 from uir_jax.train import common, loop
 
 

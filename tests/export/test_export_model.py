@@ -20,8 +20,8 @@ from export_fixtures import (
 from PIL import Image
 
 from uir_jax import export
+from uir_jax.diffusion.irsde import IRSDE
 from uir_jax.restore import Restorer
-from uir_jax.sde import IRSDE
 
 THREEFRY = "threefry2x32"
 # x̂_0 divides by m_T = 0.005 at the first posterior step, so float32 rounding differences of
