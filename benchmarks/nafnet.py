@@ -25,8 +25,8 @@ from bench_util import device_name, emit, memory, time_adamw_step, timeit
 from flax import nnx
 
 from uir_jax import losses
+from uir_jax.diffusion.irsde import IRSDE
 from uir_jax.models.nafnet import ConditionalNAFNet, NAFNet, count_params
-from uir_jax.sde import IRSDE
 
 
 def _build(which: str, context_dim: int, dtype):

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uir_jax.sde import IRSDE, MODES
+from uir_jax.diffusion.irsde import IRSDE, MODES
 
 UNET_GMAC_256 = 118.0  # DA-CLIP paper Table 8 (IR-SDE + DA-CLIP U-Net, 256x256)
 DELTA = (0.3, -0.2, 0.0)  # analytic case: E[x0] − μ per channel
@@ -176,8 +176,8 @@ def trained(args, dev):
   sys.path.insert(0, root)  # configs/ and input_pipeline/ live at the repository root
   from input_pipeline import pipelines
   from uir_jax.checkpoint import Checkpointer, abstract_like
+  from uir_jax.denoiser import denoiser_eps_fn
   from uir_jax.metrics.image import psnr
-  from uir_jax.sampling import denoiser_eps_fn
   from uir_jax.systems.daclip_uir import irsde
   from uir_jax.train import loop
 

@@ -8,7 +8,8 @@ weights) on the default JAX device:
   * time to restore one --size^2 image with --steps posterior steps, compile time reported apart;
   * with --large N (e.g. 1024): compile the NxN forward, report its temp memory for the chosen
     attention implementation and, unless --large-compile-only, run it once; with --tile T also
-    the tiled denoiser (`uir_jax.sampling.tiled_eps_fn`, T x T tiles, --tile-overlap) at NxN.
+    the tiled denoiser (`uir_jax.diffusion.tiling.tiled_eps_fn`, T x T tiles, --tile-overlap)
+    at NxN.
 
   python benchmarks/unet.py                                   # issue defaults: batch 16, 256^2
   python benchmarks/unet.py --batch 2 --size 128 --steps 10 --dtypes float32   # quick, on a CPU
@@ -29,9 +30,10 @@ from bench_util import device_name, emit, memory, time_adamw_step, timeit
 from flax import nnx
 
 from uir_jax import losses
+from uir_jax.denoiser import make_eps_fn
+from uir_jax.diffusion.irsde import IRSDE
+from uir_jax.diffusion.tiling import tiled_eps_fn
 from uir_jax.models.unet import ConditionalUNet
-from uir_jax.sampling import make_eps_fn, tiled_eps_fn
-from uir_jax.sde import IRSDE
 
 
 def bench_forward_and_train(args, dtype: str):

@@ -2,7 +2,7 @@
 `from ... import` in a module, at its top or inside a function, counts.
 
   models/       imports only models/ (and the standard library / third-party packages)
-  diffusion/    (today also sde.py, sampling.py) imports no models, systems or train
+  diffusion/    imports no models, systems or train
   train/        the spine imports no system (trainers are named by module path, imported lazily)
   systems/<a>/  imports no other system (SD-based systems may import systems/sd)
   export/reader imports no flax and no model code, also through the uir_jax modules it imports
@@ -68,7 +68,7 @@ def _layer_violations(modules: dict[str, list[str]]) -> list[str]:
       bad = None
       if _under(module, "uir_jax.models") and not _under(imported, "uir_jax.models"):
         bad = "models/ imports only models/"
-      elif (_under(module, "uir_jax.diffusion", "uir_jax.sde", "uir_jax.sampling")
+      elif (_under(module, "uir_jax.diffusion")
             and _under(imported, "uir_jax.models", "uir_jax.systems", "uir_jax.train")):
         bad = "diffusion imports no models, systems or train"
       elif _under(module, "uir_jax.train") and _under(imported, "uir_jax.systems"):
@@ -113,7 +113,7 @@ def test_the_checks_catch_forbidden_imports():
   modules = _modules()
   cases = {
       "uir_jax.models.unet": "uir_jax.losses",
-      "uir_jax.sampling": "uir_jax.models.unet",
+      "uir_jax.diffusion.tiling": "uir_jax.models.unet",
       "uir_jax.train.loop": "uir_jax.systems.daclip_uir.irsde",
   }
   for module, imported in cases.items():

@@ -14,6 +14,10 @@ r"""The `uir-jax` command.
                [--niqe] [--output_dir OUT]
   uir-jax eval --restored OTHER_METHOD_DIR --data datasets/universal/val [metric flags]
 
+PyTorch checkpoints (.pt/.pth/.bin) are read as data only (tensors, numpy scalars): a file whose
+pickle asks for anything else is refused, naming it. --trust_checkpoint loads it anyway, which RUNS
+CODE FROM THE FILE: only for files whose source you trust. .safetensors files never need it.
+
 Commands:
   train     train the model described by an ml_collections config (see configs/*.py docstrings).
   restore   restore photos (files, folders, globs) with released (PyTorch) or converted

@@ -31,18 +31,20 @@ flags.DEFINE_integer("tile_overlap", 64, "Pixels shared by neighbouring tiles.",
 flags.DEFINE_integer("pad_multiple", 1, "Reflect-pad each photo to a multiple of this (e.g. 64) "
                      "and crop back: photos of many sizes then share compiled samplers instead of "
                      "compiling once per size; 1: exact sizes.", lower_bound=1)
+flags.DEFINE_bool("trust_checkpoint", False, "Load PyTorch checkpoints whose pickle needs more "
+                  "than data (tensors, numpy scalars) with plain pickle: this RUNS CODE FROM THE "
+                  "FILE; only for files whose source you trust. Default: such files are refused. "
+                  "train: sets --config.trust_checkpoint.")
 flags.DEFINE_integer("tile_batch", 1, "Tiles per denoiser call (faster on an accelerator, more "
                      "memory).", lower_bound=1)
-
-
-def one_line(message) -> str:
-  return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
 def failer(command: str):
   """fail(message): bad input ends with one line on stderr (exit status 1), never a traceback
   or a usage dump; multi-line messages (a converter's list of mismatched keys) are joined."""
   def fail(message):
+    from uir_jax.photos import one_line
+
     sys.exit(f"uir-jax {command}: " + one_line(message))
 
   return fail
@@ -60,4 +62,4 @@ def checkpoint_restorer():
   return DiffusionRestorer.from_checkpoints(
       FLAGS.daclip, FLAGS.unet, mode=FLAGS.mode, num_steps=FLAGS.num_steps,
       tile=FLAGS.tile or None, tile_overlap=FLAGS.tile_overlap, tile_batch=FLAGS.tile_batch,
-      pad_multiple=FLAGS.pad_multiple)
+      pad_multiple=FLAGS.pad_multiple, trust=FLAGS.trust_checkpoint)

@@ -47,6 +47,7 @@ def main(argv):
     fail("needs --unet (to restore the test set) or --restored DIR (to score restored images)")
   import jax
 
+  from uir_jax.convert.common import one_line
   from uir_jax.data_layout import list_pairs
   from uir_jax.evaluate import evaluate, format_table, score_restored, write_report
 
@@ -68,9 +69,12 @@ def main(argv):
       import importlib
 
       try:
-        metrics[name] = getattr(importlib.import_module(module), fn)(path)
+        metrics[name] = getattr(importlib.import_module(module), fn)(
+            path, trust=FLAGS.trust_checkpoint)
       except Exception as e:  # noqa: BLE001 - a wrong or corrupt file: say which, no traceback
-        fail(f"cannot load --{name} {path}: {type(e).__name__}: {e}")
+        text = one_line(e)  # (our errors name the file already)
+        fail(f"cannot load --{name}: {text}" if path in text else
+             f"cannot load --{name} {path}: {text}")
   if FLAGS.niqe or FLAGS.niqe_params:
     from uir_jax.metrics.niqe import NIQE
 
@@ -87,7 +91,11 @@ def main(argv):
     paths = write_report(report, FLAGS.output_dir)
   else:
     check_tiling(fail)
-    report = evaluate(checkpoint_restorer(), pairs, key=jax.random.key(FLAGS.seed),
+    try:
+      restorer = checkpoint_restorer()
+    except Exception as e:  # noqa: BLE001 - a wrong, corrupt or untrusted checkpoint: one line
+      fail(f"cannot load the checkpoints: {one_line(e)}")
+    report = evaluate(restorer, pairs, key=jax.random.key(FLAGS.seed),
                       output_dir=FLAGS.output_dir, **common)
     paths = {ext: os.path.join(FLAGS.output_dir, f"results.{ext}") for ext in ("json", "md", "csv")}
   print(format_table(report))

@@ -59,10 +59,12 @@ def main(argv):
       for name in ("mode", "num_steps"):  # the run's own evaluation sampler unless asked
         if FLAGS[name].present:
           kwargs[name] = FLAGS[name].value
-      manifest = export_training_run(FLAGS.workdir, FLAGS.out, step=FLAGS.step, **kwargs)
+      manifest = export_training_run(FLAGS.workdir, FLAGS.out, step=FLAGS.step,
+                                     trust=FLAGS.trust_checkpoint, **kwargs)
     else:
       manifest = export_checkpoints(FLAGS.unet, FLAGS.daclip, FLAGS.out, mode=FLAGS.mode,
-                                    num_steps=FLAGS.num_steps, **kwargs)
+                                    num_steps=FLAGS.num_steps, trust=FLAGS.trust_checkpoint,
+                                    **kwargs)
   except ExportError as e:
     fail(e)
   except Exception as e:  # noqa: BLE001 - a wrong or corrupt checkpoint or run: say which

@@ -67,10 +67,12 @@ def main(argv):
   elif FLAGS.run:
     restorer = _run_restorer(fail)
   else:
+    from uir_jax.convert.common import one_line
+
     try:
       restorer = checkpoint_restorer()
-    except Exception as e:  # noqa: BLE001 - a wrong or corrupt checkpoint: say which, one line
-      fail(f"cannot load the checkpoints: {type(e).__name__}: {e}")
+    except Exception as e:  # noqa: BLE001 - a wrong, corrupt or untrusted checkpoint: one line
+      fail(f"cannot load the checkpoints: {one_line(e)}")
     needs = [flag for flag in ("use_degra_context", "use_image_context")
              if getattr(restorer.unet, flag, False)]
     if needs and restorer.daclip is None:
@@ -91,10 +93,10 @@ def _run_restorer(fail):
       if given:
         fail(f"{FLAGS.run}: a direct regression run has no sampler or tiling "
              f"({', '.join(given)})")
-      return load_run(FLAGS.run, FLAGS.step)
+      return load_run(FLAGS.run, FLAGS.step, trust=FLAGS.trust_checkpoint)
     overrides = {name: FLAGS[name].value for name in ("mode", "num_steps")
                  if FLAGS[name].present}  # else the run's own evaluation sampler
-    return load_run(FLAGS.run, FLAGS.step, tile=FLAGS.tile or None,
+    return load_run(FLAGS.run, FLAGS.step, trust=FLAGS.trust_checkpoint, tile=FLAGS.tile or None,
                     tile_overlap=FLAGS.tile_overlap, tile_batch=FLAGS.tile_batch,
                     pad_multiple=FLAGS.pad_multiple, **overrides)
   except (FileNotFoundError, ValueError) as e:

@@ -19,11 +19,19 @@ def main(argv):
   del argv
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError("train needs --config and --workdir")
+  if FLAGS.trust_checkpoint:
+    if "trust_checkpoint" not in FLAGS.config:
+      sys.exit("uir-jax train: --trust_checkpoint: this config reads no PyTorch checkpoint")
+    FLAGS.config.trust_checkpoint = True
   log_dir = _log_to_files(FLAGS.workdir)
   _hide_accelerators_from_tf(os.path.join(log_dir, "tensorflow.log"))
+  from uir_jax.convert.common import ConversionError, one_line
   from uir_jax.train import loop
 
-  result = loop.train_main(FLAGS.config, FLAGS.workdir)
+  try:
+    result = loop.train_main(FLAGS.config, FLAGS.workdir)
+  except (ConversionError, FileNotFoundError) as e:  # a refused checkpoint or a missing file
+    sys.exit("uir-jax train: " + one_line(e))
   logging.info("result: %s", result)
   loop.dump_result(result)
   if result.get("preempted"):

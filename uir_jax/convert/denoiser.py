@@ -29,12 +29,15 @@ def denoiser_spec(ckpt: Mapping[str, Any]) -> dict[str, Any]:
   return {"name": name, "options": (unet if name == "unet" else nafnet).infer_options(sd)}
 
 
-def load_denoiser(path_or_state_dict: Any) -> nnx.Module:
-  """A ConditionalUNet or ConditionalNAFNet from a PyTorch state_dict (file or mapping)."""
+def load_denoiser(path_or_state_dict: Any, *, trust: bool = False) -> nnx.Module:
+  """A ConditionalUNet or ConditionalNAFNet from a PyTorch state_dict (file or mapping).
+
+  `trust=True` reads a PyTorch file with plain pickle, which runs code from the file (see
+  `read_state_dict`)."""
   from uir_jax.convert import nafnet, unet
   from uir_jax.convert.common import ConversionError, read_state_dict
 
-  sd = read_state_dict(path_or_state_dict)
+  sd = read_state_dict(path_or_state_dict, trust=trust)
   name, _ = denoiser_architecture(sd)
   if name == "nafnet":
     raise ConversionError("this NAFNet checkpoint has no time embedding: it is a direct "

@@ -70,10 +70,11 @@ def _restore_function(graphdef: Any, template: Any, sde: Any, *, mode: str,
                       tile_batch: int):
   """restore(params, lq, key_data, contexts) -> clipped restoration, as the restorers'
   `__call__` do it on an already padded batch (the sampler's denoiser is
-  `sampling.denoiser_eps_fn`; without an SDE, one regression pass)."""
+  `denoiser.denoiser_eps_fn`; without an SDE, one regression pass)."""
   from flax import nnx
 
-  from uir_jax.sampling import denoiser_eps_fn, tiled_eps_fn
+  from uir_jax.denoiser import denoiser_eps_fn
+  from uir_jax.diffusion.tiling import tiled_eps_fn
 
   if sde is None:
     def regress(params, lq, key_data, contexts, size):
@@ -280,20 +281,25 @@ def export_models(denoiser: Any, daclip: Any | None, out_dir: str, *, sde: Any,
   if daclip_flat is not None:
     parts["daclip"] = {"file": DACLIP_FILE, "flat": daclip_flat, "params_id": daclip_id}
   return write_export(out_dir, manifest, parts, exported)
-def export_checkpoints(unet_path: str, daclip_path: str | None, out_dir: str, **kwargs
-                       ) -> dict[str, Any]:
+def export_checkpoints(unet_path: str, daclip_path: str | None, out_dir: str, *,
+                       trust: bool = False, **kwargs) -> dict[str, Any]:
   """Exports released (or converted `.safetensors`) checkpoints: a denoiser file (U-Net or
   NAFNet, told by its keys) and, for conditioned models, its DA-CLIP file. `kwargs` as
-  `export_models` (sde default: the released models' IRSDE())."""
+  `export_models` (sde default: the released models' IRSDE()); `trust=True` reads PyTorch files
+  with plain pickle, which runs code from them (see `convert.common.read_state_dict`)."""
   from uir_jax.convert.clip import load_daclip
-  from uir_jax.convert.common import read_state_dict
+  from uir_jax.convert.common import checkpoint_errors, read_state_dict
   from uir_jax.convert.denoiser import denoiser_spec, load_denoiser
-  from uir_jax.sde import IRSDE
+  from uir_jax.diffusion.irsde import IRSDE
 
-  sd = read_state_dict(unet_path)
-  spec = denoiser_spec(sd)
-  denoiser = load_denoiser(sd)
-  daclip = load_daclip(daclip_path) if daclip_path else None
+  daclip = None
+  if daclip_path:  # (first, as `DiffusionRestorer.from_checkpoints`: the cheaper refusal)
+    with checkpoint_errors(daclip_path):  # a refusal names the file that was refused
+      daclip = load_daclip(daclip_path, trust=trust)
+  with checkpoint_errors(unet_path):
+    sd = read_state_dict(unet_path, trust=trust)
+    spec = denoiser_spec(sd)
+    denoiser = load_denoiser(sd)
   sources = {"denoiser": _source_file(unet_path)}
   if daclip_path:
     sources["daclip"] = (_source_file(daclip_path) if os.path.isfile(daclip_path)
@@ -304,7 +310,7 @@ def export_checkpoints(unet_path: str, daclip_path: str | None, out_dir: str, **
 
 
 def export_training_run(workdir: str, out_dir: str, *, step: int | None = None,
-                        **overrides) -> dict[str, Any]:
+                        trust: bool = False, **overrides) -> dict[str, Any]:
   """Exports a restoration run of ours: its config's network, the EMA weights of checkpoint
   `step` (default: the latest), its frozen DA-CLIP and the CLIP view it read; an IR-SDE run
   (trainer "irsde") with its SDE and evaluation sampler, a direct NAFNet run (trainer "nafnet")
@@ -313,13 +319,14 @@ def export_training_run(workdir: str, out_dir: str, *, step: int | None = None,
   A "random:<config>" DA-CLIP (smoke runs) is exported with its random weights, drawn from the
   run's seed exactly as the trainer drew them, so the export restores as the run evaluated; the
   manifest marks it (`sources.daclip.random_weights`). `overrides`: `export_models` keywords
-  (e.g. num_steps) that replace the config's.
+  (e.g. num_steps) that replace the config's. `trust=True` reads a PyTorch DA-CLIP file with
+  plain pickle, which runs code from it.
   """
   import ml_collections
   from flax import nnx
 
   from uir_jax.checkpoint import model_from_run, read_training_run
-  from uir_jax.sde import IRSDE
+  from uir_jax.diffusion.irsde import IRSDE
   from uir_jax.systems.daclip_uir import conditioning
   from uir_jax.systems.daclip_uir.restorers import RESTORER_TRAINERS, restorer_dir
   from uir_jax.train import common
@@ -350,7 +357,7 @@ def export_training_run(workdir: str, out_dir: str, *, step: int | None = None,
     raise ExportError(f"{workdir}: {e}") from e
   daclip, daclip_source = None, None
   if cfg.daclip.checkpoint:
-    frozen = conditioning.load_frozen_daclip(cfg.daclip, int(cfg.seed))
+    frozen = conditioning.load_frozen_daclip(cfg.daclip, int(cfg.seed), trust=trust)
     daclip = nnx.merge(*frozen)
     source = str(cfg.daclip.checkpoint)
     if source.startswith(conditioning.RANDOM_PREFIX):
@@ -397,7 +404,7 @@ def load_flax(directory: str) -> tuple[Any, Any, Any, dict[str, Any]]:
 
   from uir_jax.checkpoint import load_tree
   from uir_jax.convert.common import unflatten
-  from uir_jax.sde import IRSDE
+  from uir_jax.diffusion.irsde import IRSDE
   from uir_jax.train.common import build_model
 
   manifest = read_manifest(directory)

@@ -12,11 +12,11 @@ probabilities} (DA-CLIP's reading of the photo; empty without a DA-CLIP) and
 
 Design: modules are split once (`nnx.split`) and the pure functions are jitted over
 (graphdef, state); the sampler's denoiser is one cached function object per graphdef
-(`sampling.denoiser_eps_fn`), so repeated calls with the same image shape never recompile, and the
+(`denoiser.denoiser_eps_fn`), so repeated calls with the same image shape never recompile, and the
 weights travel as arguments instead of being baked into the program as constants.
 
-Large images: `sampling.tiled_eps_fn` evaluates the denoiser on overlapping tiles at every sampler
-step and blends them; the sampler, its noise and the DA-CLIP conditioning stay global.
+Large images: `diffusion.tiling.tiled_eps_fn` evaluates the denoiser on overlapping tiles at
+every sampler step and blends them; the sampler, its noise and the DA-CLIP conditioning stay global.
 """
 
 from __future__ import annotations
@@ -31,15 +31,10 @@ import numpy as np
 from flax import nnx
 
 from uir_jax.convert.denoiser import load_denoiser
+from uir_jax.denoiser import denoiser_eps_fn, make_eps_fn
+from uir_jax.diffusion.irsde import IRSDE
+from uir_jax.diffusion.tiling import check_tiling, tile_starts, tiled_eps_fn
 from uir_jax.photos import read_rgb, to_uint8
-from uir_jax.sampling import (
-    _check_tiling,
-    denoiser_eps_fn,
-    make_eps_fn,
-    tile_starts,
-    tiled_eps_fn,
-)
-from uir_jax.sde import IRSDE
 from uir_jax.systems.daclip_uir.conditioning import ClipView, Conditioning
 
 __all__ = ["DiffusionRestorer", "RegressionRestorer", "Restorer", "denoiser_eps_fn",
@@ -127,19 +122,25 @@ class DiffusionRestorer(_DaCLIPRestorer):
       raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
     self.pad_multiple = pad_multiple
     if tile is not None:
-      _check_tiling(tile, tile_overlap, tile_batch)  # early, before any sampling
+      check_tiling(tile, tile_overlap, tile_batch)  # early, before any sampling
 
   @classmethod
-  def from_checkpoints(cls, daclip_path: str | None, unet_path: str, **kwargs
-                       ) -> DiffusionRestorer:
+  def from_checkpoints(cls, daclip_path: str | None, unet_path: str, *, trust: bool = False,
+                       **kwargs) -> DiffusionRestorer:
     """Builds a restorer from PyTorch files: DA-CLIP `.pt` and the denoiser `.pth` (an IR-SDE
-    ConditionalUNet such as `universal-ir.pth`, or a ConditionalNAFNet, told apart by its keys)."""
+    ConditionalUNet such as `universal-ir.pth`, or a ConditionalNAFNet, told apart by its keys).
+    `trust=True` reads them with plain pickle, which runs code from the files."""
+    from uir_jax.convert.common import checkpoint_errors
+
     daclip = None
     if daclip_path is not None:
       from uir_jax.convert.clip import load_daclip
 
-      daclip = load_daclip(daclip_path)
-    return cls(load_denoiser(unet_path), daclip, **kwargs)
+      with checkpoint_errors(daclip_path):  # a refusal names the file that was refused
+        daclip = load_daclip(daclip_path, trust=trust)
+    with checkpoint_errors(unet_path):
+      unet = load_denoiser(unet_path, trust=trust)
+    return cls(unet, daclip, **kwargs)
 
   def __call__(self, images: Array | np.ndarray, key: Array,
                embeddings: dict[str, Any] | None = None) -> Array:
@@ -230,13 +231,14 @@ def run_trainer(workdir: str) -> str | None:
   return _trainer(restorer_dir(workdir))
 
 
-def load_run(workdir: str, step: int | None = None, **kwargs
+def load_run(workdir: str, step: int | None = None, *, trust: bool = False, **kwargs
              ) -> DiffusionRestorer | RegressionRestorer:
   """The restorer a training run of ours trained: its config's network with the EMA weights of
   checkpoint `step` (default: the latest), its frozen DA-CLIP and the CLIP view it read; an
   IR-SDE run samples with its evaluation sampler (`eval.mode`, `eval.num_steps`,
   `eval.clip_x0`; `kwargs` as `DiffusionRestorer`'s override them). A quickstart's top workdir
-  gives its stage-2 restorer. Raises ValueError naming the run when it holds no restorer."""
+  gives its stage-2 restorer. Raises ValueError naming the run when it holds no restorer.
+  `trust=True` reads a PyTorch DA-CLIP file with plain pickle, which runs code from it."""
   import ml_collections
 
   from uir_jax.checkpoint import model_from_run, read_training_run
@@ -253,7 +255,7 @@ def load_run(workdir: str, step: int | None = None, **kwargs
   net = model_from_run(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0))), state)
   daclip = None
   if cfg.daclip.checkpoint and (net.use_degra_context or net.use_image_context):
-    daclip = nnx.merge(*load_frozen_daclip(cfg.daclip, int(cfg.seed)))
+    daclip = nnx.merge(*load_frozen_daclip(cfg.daclip, int(cfg.seed), trust=trust))
   view, words = ClipView.of_config(config), run_words(config)
   if trainer == "nafnet":
     if kwargs:

@@ -14,7 +14,7 @@ from configs import common, quickstart
 from uir_jax.systems.daclip_uir import quickstart as qs
 
 NAMES = [name for name, _ in common.SYNTHETIC_TASKS]
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, os.pardir)
 
 
 def _run_notebook(name, cwd, env):
@@ -87,7 +87,8 @@ def _restore_a_photo_with_the_run(workdir, tmp_path, capsys):
   quickstart held out) writes it and prints DA-CLIP's degradation; `uir-jax export --workdir
   WQ/2_restorer` + `uir-jax restore --model` write the same image to 8-bit rounding."""
   from skimage import data
-  from test_export_model import _cli
+
+  from tests.export.test_export_model import _cli
 
   photo = tmp_path / "photo.jpg"
   Image.fromarray(data.chelsea()[::4, ::4]).save(photo)  # 75 x 113

@@ -20,8 +20,8 @@ from export_fixtures import (
 from PIL import Image
 
 from uir_jax import export as export_api
+from uir_jax.diffusion.irsde import IRSDE
 from uir_jax.export import reader as export_reader
-from uir_jax.sde import IRSDE
 from uir_jax.systems.daclip_uir import export_spec as export
 from uir_jax.systems.daclip_uir.restorers import Restorer
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from uir_jax.diffusion.irsde import IRSDE
 from uir_jax.models.unet import ConditionalUNet
-from uir_jax.sde import IRSDE
 from uir_jax.systems.daclip_uir import restorers as restore
 
 
@@ -193,7 +193,7 @@ def test_tiling_bounds_the_denoiser_memory():
 
 
 def test_pad_multiple_shares_compilations_across_sizes():
-  from uir_jax.sde import _sample_loop
+  from uir_jax.diffusion.loop import sample_loop as _sample_loop
 
   unet = _tiny_unet(use_degra_context=False, use_image_context=False, context_dim=0)
   restorer = restore.Restorer(unet, None, IRSDE(), num_steps=2, pad_multiple=16)

@@ -104,7 +104,7 @@ def test_regression_run_restores_and_exports(tmp_path, view):
 def test_restore_run_runs_daclip_once_per_photo(tmp_path, monkeypatch, capsys):
   """`uir-jax restore --run` and `--model`: one DA-CLIP embedding per photo feeds both the
   restorer and the printed degradation."""
-  from test_export_model import _cli
+  from tests.export.test_export_model import _cli
 
   workdir = tmp_path / "run"
   _nafnet_run(workdir, "windows")
@@ -143,7 +143,7 @@ def test_restore_run_runs_daclip_once_per_photo(tmp_path, monkeypatch, capsys):
 
 
 def test_restore_run_refuses_what_holds_no_restorer(tmp_path):
-  from test_export_model import _cli
+  from tests.export.test_export_model import _cli
 
   (tmp_path / "daclip_run").mkdir()
   json.dump({"trainer": "daclip", "data": {}, "daclip": {}},

@@ -1,49 +1,22 @@
-"""The sampler's view of a denoiser: eps adapters for `IRSDE.sample` and tiled evaluation.
+"""Tiled evaluation of a denoiser: bounded memory at any image size, no seams.
 
     eps_fn, eps_args = make_eps_fn(unet, text_context=degradation, image_context=content)
     out = sde.sample(tiled_eps_fn(eps_fn, 512, 64), lq, key, eps_args=eps_args)
 
-Shared by the trainers' evaluation, `restore.Restorer`, and the benchmarks; it imports neither the
-restore pipeline nor any converter.
+Works on any `eps_fn(x, mu, t, *eps_args)` (NHWC; `uir_jax.denoiser.make_eps_fn` makes one from a
+network). Shared by `restore.Restorer`, the exporter and the benchmarks.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 Array = jax.Array
-
-
-@functools.cache
-def denoiser_eps_fn(graphdef: Any) -> Callable[..., Array]:
-  """An `eps_fn(x, mu, t, state, text_context, image_context)` for `IRSDE.sample`.
-
-  One function object per model graph (cached), so `IRSDE.sample` compiles once per shape.
-  `text_context` is DA-CLIP's degradation embedding and `image_context` its content embedding
-  (either may be None, matching the model's `use_degra_context` / `use_image_context`).
-  `state` is an `nnx.State` or a tuple of states (e.g. (params, rest) from `nnx.split`).
-  """
-
-  def eps_fn(x, mu, t, state, text_context, image_context):
-    states = state if isinstance(state, tuple) else (state,)
-    model = nnx.merge(graphdef, *states)
-    return model(x, mu, t, text_context=text_context, image_context=image_context)
-
-  return eps_fn
-
-
-def make_eps_fn(model: nnx.Module, *, text_context: Array | None = None,
-                image_context: Array | None = None) -> tuple[Callable[..., Array], tuple]:
-  """(eps_fn, eps_args) ready for `IRSDE.sample(eps_fn, mu, key, eps_args=eps_args)`."""
-  graphdef, state = nnx.split(model)
-  return denoiser_eps_fn(graphdef), (state, text_context, image_context)
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -74,7 +47,8 @@ def _tile_window(length: int, overlap: int, at_start: bool, at_end: bool) -> np.
   return w
 
 
-def _check_tiling(tile: int, overlap: int, tile_batch: int) -> None:
+def check_tiling(tile: int, overlap: int, tile_batch: int) -> None:
+  """Raises ValueError for tiling settings `tiled_eps_fn` would reject (to fail before sampling)."""
   tile_starts(tile + 1, tile, overlap)  # validates tile and overlap
   if tile_batch < 1:
     raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
@@ -95,7 +69,7 @@ def tiled_eps_fn(eps_fn: Callable[..., Array], tile: int, overlap: int = 32,
 
   Cached per (eps_fn, tile, overlap, tile_batch): one function object, one compilation per shape.
   """
-  _check_tiling(tile, overlap, tile_batch)
+  check_tiling(tile, overlap, tile_batch)
 
   def tiled(x, mu, t, *eps_args):
     _, h, w, _ = x.shape

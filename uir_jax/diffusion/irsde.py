@@ -17,11 +17,17 @@ paper (Eq. 5–8). Notation (all per-step arrays have length T + 1; index 0 is t
 
 The network predicts ε̂ = (x_t − E[x_t | x_0]) / σ̄_t ("noise"); score = −ε̂ / σ̄_t.
 
-The whole reverse loop runs inside one jitted `lax.scan`, so sampling compiles once per input shape
-and never re-traces per step. `num_steps < T` runs the posterior sampler on a subsequence of
-timesteps using the exact Gaussian posterior between non-adjacent steps (a capability the PyTorch
-reference does not have): between s < t the OU process gives x_t − μ = (m_t/m_s)(x_s − μ) + noise,
-so the one-step formulas hold with a_t replaced by m_t / m_s.
+In y = x − μ this is the Gaussian process y_t = m_t y_0 + σ̄_t ε, i.e. α_t = m_t and σ_t = σ̄_t in
+the notation of `diffusion.solvers`, which supplies the process-agnostic parts: the posterior step
+(used for the "posterior" sampler and the ML training target) and the multistep exponential
+integrator of the few-step modes. This module keeps what is specific to IR-SDE: the schedule, the
+marginals and ε̂ relations, the Euler steps of the reverse SDE / ODE and the timestep spacing.
+
+The whole reverse loop is `diffusion.loop.sample_loop`, one jitted `lax.scan`, so sampling
+compiles once per input shape and never re-traces per step. `num_steps < T` runs the posterior
+sampler on a subsequence of timesteps using the exact Gaussian posterior between non-adjacent steps
+(a capability the PyTorch reference does not have): between s < t the OU process gives
+x_t − μ = (m_t/m_s)(x_s − μ) + noise, so the one-step formulas hold with a_t replaced by m_t / m_s.
 
 The few-step solver (modes "mr2", "mr3" and their "-sde" variants; `IRSDE.mr_coefficients`) solves
 the linear (OU) part of the reverse ODE / SDE exactly and integrates the network's x̂_0 with a
@@ -32,7 +38,7 @@ compiled loop only calls those methods.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +46,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from uir_jax.diffusion import solvers
+from uir_jax.diffusion.loop import sample_loop
 
 Array = jax.Array
 # eps_fn(x_t [B,H,W,C], mu [B,H,W,C], t int32 [B], *eps_args) -> predicted noise [B,H,W,C]
@@ -208,9 +217,8 @@ class IRSDE:
     """The optimal x*_{t−1} = E[x_{t−1} | x_t, x_0] (the maximum-likelihood training target)."""
     self._check_same_shape(x=x, x0=x0, mu=mu)
     self._check_t(t, x.shape[0])
-    m_t = self._at("m", t, x.ndim)
-    m_s = self._at("m", t - 1, x.ndim)
-    return _posterior_mean(x, x0, mu, m_t, m_s)
+    coef_t, coef_0, _ = self._posterior(t, t - 1, x.ndim)
+    return mu + coef_t * (x - mu) + coef_0 * (x0 - mu)
 
   def training_pair(self, eps: Array, x: Array, x0: Array, mu: Array,
                     t: Array) -> tuple[Array, Array]:
@@ -243,10 +251,14 @@ class IRSDE:
     x0 = self.x0_from_noise(x, mu, eps, t)
     if clip_x0:
       x0 = jnp.clip(x0, 0.0, 1.0)
-    m_t, m_s = self._at("m", t, x.ndim), self._at("m", t_prev, x.ndim)
-    mean = _posterior_mean(x, x0, mu, m_t, m_s)
-    std = _posterior_std(m_t, m_s, self.lam, self.dt)
-    return mean + std * jax.random.normal(key, x.shape, x.dtype)
+    # Variances in units of λ², clamped at 1e-20·dt as the reference does (spec §5.7).
+    return solvers.posterior_step(key, x, x0, self._posterior(t, t_prev, x.ndim), offset=mu,
+                                  min_var=1e-20 * self.dt, scale=self.lam)
+
+  def _posterior(self, t: Array, t_prev: Array, ndim: int) -> tuple[Array, Array, Array]:
+    """(coef_t, coef_0, var / λ²) of q(x_s | x_t, x_0) in x − μ between t and t_prev < t: the OU
+    process has σ̄² = λ² (1 − m²), so the cancellation-free VP form applies."""
+    return solvers.vp_posterior_coefficients(self._at("m", t, ndim), self._at("m", t_prev, ndim))
 
   # ------------------------------------------------------------------------------------------
   # Few-step solver: exact linear part, exponential integrator on x̂_0 (modes "mr2", "mr3", ...).
@@ -255,29 +267,20 @@ class IRSDE:
   @property
   def log_snr(self) -> np.ndarray:
     """ℓ_t = log(m_t / σ̄_t), float64 [T + 1], increasing as t decreases (ℓ_0 = +inf)."""
-    with np.errstate(divide="ignore"):
-      return np.log(self.m) - np.log(self.sigma_bar)
+    return solvers.log_snr(self.m, self.sigma_bar)
 
   def mr_coefficients(self, ts: np.ndarray, order: int,
                       stochastic: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-step coefficients of the multistep exponential integrator visiting `ts`, then 0.
 
     In y = x − μ the forward marginal is y_t = m_t y_0 + σ̄_t ε, a linear Gaussian process with
-    signal scale m_t and noise scale σ̄_t. Its probability-flow ODE (η = 0) and reverse SDE
-    (η = 1), written for the data prediction D = x̂_0 − μ in ℓ = log(m/σ̄), have the exact solution
-    from s to t (h = ℓ_t − ℓ_s > 0, c = 1 + η):
-
-      y_t = (σ̄_t/σ̄_s) e^{−ηh} y_s + m_t ∫_0^h c e^{−c(h−u)} D(ℓ_s + u) du + σ̄_t sqrt(1 − e^{−2ηh}) z
-
-    (for a constant D this is DDIM when η = 0 and exactly the posterior step of
-    `reverse_posterior_step` when η = 1). Only the integral is approximated, from the last
-    k = min(order, i + 1) network outputs: k = 1 holds D constant (first order); k = 2 is
-    DPM-Solver++(2M) (the line through the last two outputs, read at the interval's midpoint);
-    k = 3 integrates the quadratic through the last three exactly against the kernel (exponential
-    Adams–Bashforth, as DEIS). This is the MR Sampler idea (Li et al., ICLR 2025), written for
-    these discrete tables: the network is only ever called at integer t, where it was trained.
-    The final step, to t = 0 where σ̄_0 = 0 and h = ∞, returns x̂_0 of the last call (first order),
-    as the posterior sampler does.
+    signal scale α_t = m_t and noise scale σ_t = σ̄_t, so the coefficients are those of
+    `solvers.multistep_coefficients` on the tables (m, σ̄) at ts and 0: exact linear part, the
+    network's x̂_0 − μ integrated by a polynomial of `order` in ℓ = log(m/σ̄) (1: DDIM / the
+    posterior step; 2: DPM-Solver++(2M); 3: exponential Adams–Bashforth). This is the MR Sampler
+    idea (Li et al., ICLR 2025), written for these discrete tables: the network is only ever
+    called at integer t, where it was trained. The final step, to t = 0 where σ̄_0 = 0, returns
+    x̂_0 of the last call (first order), as the posterior sampler does.
 
     Args:
       ts: descending network-evaluation timesteps [n] (from `timesteps`).
@@ -288,41 +291,9 @@ class IRSDE:
       float64 (coef_x [n], coef_d [n, order], std [n]); step i maps x at ts[i] to
       μ + coef_x[i] (x − μ) + Σ_j coef_d[i, j] (x̂_0 of call i − j − μ) + std[i] z.
     """
-    ts = np.asarray(ts)
-    if order < 1:
-      raise ValueError(f"order must be >= 1, got {order}")
-    n = len(ts)
-    ell = self.log_snr
-    coef_x, coef_d, std = np.zeros(n), np.zeros((n, order)), np.zeros(n)
-    eta = 1.0 if stochastic else 0.0
-    c = 1.0 + eta
-    for i in range(n):
-      s = int(ts[i])
-      t = int(ts[i + 1]) if i + 1 < n else 0
-      if t == 0:
-        coef_d[i, 0] = 1.0  # y_0 = x̂_0 − μ: the kernel is a point mass at u = h = ∞
-        continue
-      h = ell[t] - ell[s]
-      coef_x[i] = self.sigma_bar[t] / self.sigma_bar[s] * math.exp(-eta * h)
-      std[i] = self.sigma_bar[t] * math.sqrt(-math.expm1(-2.0 * eta * h))
-      k = min(order, i + 1)  # lower order until enough calls have been made
-      nodes = np.array([ell[int(ts[i - j])] - ell[s] for j in range(k)])  # u_0 = 0, then < 0
-      # ∫_0^h c e^{−c(h−u)} u^p du for p = 0, 1, 2 (integration by parts: I_p = h^p − p I_{p−1}/c).
-      moments = [-math.expm1(-c * h)]
-      for p in range(1, k):
-        moments.append(h**p - p * moments[-1] / c)
-      if k == 2:
-        # DPM-Solver++(2M)'s weights: the line through the two outputs read at the interval's
-        # midpoint, u = h/2, instead of integrated against the kernel (which extrapolates to the
-        # kernel's mean, nearer u = h). Also second order; measured in the Gaussian case
-        # (benchmarks/sampler.py) it overshoots much less at 5-20 steps, where h ~ 0.5-2.
-        w = moments[0] * 0.5 * h / -nodes[1]
-        coef_d[i, :2] = self.m[t] * np.array([moments[0] + w, -w])
-      else:
-        # Lagrange weights: P(u) = Σ_j D_j L_j(u), ∫ kernel · L_j = (V^{-T} I)_j, V[j, p] = u_j^p.
-        vander = nodes[:, None] ** np.arange(k)[None, :]
-        coef_d[i, :k] = self.m[t] * np.linalg.solve(vander.T, np.asarray(moments))
-    return coef_x, coef_d, std
+    points = np.append(np.asarray(ts, np.int64), 0)
+    return solvers.multistep_coefficients(self.m[points], self.sigma_bar[points], order,
+                                          stochastic)
 
   def reverse_mr_step(self, key: Array, x: Array, mu: Array, eps: Array, t: Array,
                       x0_hist: Array, coef_x: Array, coef_d: Array, std: Array, *,
@@ -343,11 +314,7 @@ class IRSDE:
     x0 = self.x0_from_noise(x, mu, eps, t)
     if clip_x0:
       x0 = jnp.clip(x0, 0.0, 1.0)
-    stack = jnp.concatenate([x0[None], x0_hist], axis=0)  # [order, B, H, W, C], newest first
-    out = mu + coef_x * (x - mu) + jnp.tensordot(coef_d.astype(x.dtype), stack - mu, axes=1)
-    if std is not None:
-      out = out + std * jax.random.normal(key, x.shape, x.dtype)
-    return out, stack[:-1]
+    return solvers.multistep_step(key, x, x0, x0_hist, coef_x, coef_d, std, offset=mu)
 
   # ------------------------------------------------------------------------------------------
   # Samplers.
@@ -437,69 +404,60 @@ class IRSDE:
       raise ValueError("clip_x0 applies to mode='posterior' and the mr modes only (the SDE/ODE "
                        "samplers never form x̂_0)")
     ts_prev = np.concatenate([ts[1:], [0]]).astype(np.int32)
-    coefs = None
+    order, coefs = 1, None
     if mode in _MR_MODES:
       order, stochastic = _MR_MODES[mode]
       cx, cd, sd = self.mr_coefficients(ts, order, stochastic)
       # The ODE draws no noise at all (None is an empty pytree leaf in the scan).
       coefs = (jnp.asarray(cx, jnp.float32), jnp.asarray(cd, jnp.float32),
                jnp.asarray(sd, jnp.float32) if stochastic else None)
-    x, path = _sample_loop(self, eps_fn, mode, bool(clip_x0), bool(return_path), mu, x_T, k_loop,
-                           jnp.asarray(ts), jnp.asarray(ts_prev), coefs, tuple(eps_args))
+    stepper = _Stepper(self, mode, bool(clip_x0), order)
+    x, path = sample_loop(stepper, _MuFirst(eps_fn), x_T, k_loop, jnp.asarray(ts),
+                          (jnp.asarray(ts_prev), coefs), (mu, *eps_args), (mu,),
+                          return_path=bool(return_path))
     return (x, path) if return_path else x
 
 
 # ----------------------------------------------------------------------------------------------
-# Shared formulas and the compiled loop.
+# The pieces `sample` hands to the generic loop. Frozen dataclasses compare by value (the IRSDE
+# instance by identity), so equal settings hit the loop's compilation cache.
 # ----------------------------------------------------------------------------------------------
 
 
-def _posterior_mean(x: Array, x0: Array, mu: Array, m_t: Array, m_s: Array) -> Array:
-  """E[x_s | x_t, x_0], s < t: μ + A (x_t − μ) + B (x_0 − μ); a = m_t / m_s (a_t when s = t−1)."""
-  a = m_t / m_s
-  denom = 1.0 - m_t**2
-  coef_x = a * (1.0 - m_s**2) / denom
-  coef_0 = m_s * (1.0 - a**2) / denom
-  return mu + coef_x * (x - mu) + coef_0 * (x0 - mu)
+@dataclasses.dataclass(frozen=True)
+class _MuFirst:
+  """The loop's model signature (x, t, mu, *eps_args) over IR-SDE's eps_fn(x, mu, t, *eps_args)."""
+
+  eps_fn: EpsFn
+
+  def __call__(self, x: Array, t: Array, mu: Array, *eps_args: Any) -> Array:
+    return self.eps_fn(x, mu, t, *eps_args)
 
 
-def _posterior_std(m_t: Array, m_s: Array, lam: float, dt: float) -> Array:
-  """sqrt(Var[x_s | x_t, x_0]) with the reference's clamp at 1e-20·dt (spec §5.7)."""
-  a = m_t / m_s
-  var = (1.0 - a**2) * (1.0 - m_s**2) / (1.0 - m_t**2)
-  return jnp.exp(0.5 * jnp.log(jnp.maximum(var, 1e-20 * dt))) * lam
+@dataclasses.dataclass(frozen=True)
+class _Stepper:
+  """One sampler mode as a solver of `sample_loop`: each step is one of the IRSDE's step methods
+  (looked up when the loop is traced). Per-step inputs: (t_prev, mr coefficients or None)."""
 
+  sde: IRSDE
+  mode: str
+  clip_x0: bool
+  order: int  # > 1: the mr modes carry the previous calls' x̂_0 (zeros until filled)
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _sample_loop(sde, eps_fn, mode, clip_x0, return_path, mu, x_T, key, ts, ts_prev, coefs,
-                 eps_args):
-  """The reverse loop as one `lax.scan` over the steps; each step is one of IRSDE's step methods.
+  def init(self, x: Array) -> Array:
+    return jnp.zeros((self.order - 1,) + x.shape, x.dtype)
 
-  `sde` is static (hashed by identity): its float32 tables become constants of the program.
-  Returns (x_0 estimate, path [n, B, H, W, C] if `return_path` else None).
-  """
-  batch = mu.shape[0]
-  order = coefs[1].shape[1] if coefs is not None else 1
-  x = x_T.astype(jnp.float32)
-  # The mr modes carry the previous calls' x̂_0 (zeros until filled; their coefficients are 0).
-  hist = jnp.zeros((order - 1,) + x.shape, x.dtype)
-
-  def body(carry, inputs):
-    x, hist = carry
-    t, t_prev, k, coef = inputs
-    tb = jnp.full((batch,), t, jnp.int32)
-    eps = eps_fn(x, mu, tb, *eps_args).astype(x.dtype)
-    if mode == "posterior":
-      x = sde.reverse_posterior_step(k, x, mu, eps, tb, jnp.full((batch,), t_prev, jnp.int32),
-                                     clip_x0=clip_x0)
-    elif mode == "sde":
-      x = sde.reverse_sde_step(k, x, mu, eps, tb)
-    elif mode == "ode":
-      x = sde.reverse_ode_step(x, mu, eps, tb)
+  def step(self, key: Array, x: Array, hist: Array, eps: Array, t: Array, inputs: Any,
+           mu: Array) -> tuple[Array, Array]:
+    t_prev, coef = inputs
+    sde = self.sde
+    if self.mode == "posterior":
+      x = sde.reverse_posterior_step(key, x, mu, eps, t, jnp.full_like(t, t_prev),
+                                     clip_x0=self.clip_x0)
+    elif self.mode == "sde":
+      x = sde.reverse_sde_step(key, x, mu, eps, t)
+    elif self.mode == "ode":
+      x = sde.reverse_ode_step(x, mu, eps, t)
     else:
-      x, hist = sde.reverse_mr_step(k, x, mu, eps, tb, hist, *coef, clip_x0=clip_x0)
-    return (x, hist), (x if return_path else None)
-
-  keys = jax.random.split(key, ts.shape[0])
-  (x, _), path = jax.lax.scan(body, (x, hist), (ts, ts_prev, keys, coefs))
-  return x, path
+      x, hist = sde.reverse_mr_step(key, x, mu, eps, t, hist, *coef, clip_x0=self.clip_x0)
+    return x, hist

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uir_jax.sde import IRSDE
+from uir_jax.diffusion.irsde import IRSDE
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +271,7 @@ def test_clip_x0_keeps_an_inaccurate_denoiser_stable(sde):
 # E[ε | x_t] = σ̄_t (y_t − m_t δ) / v_t, E[y_0 | x_t] = δ + (m_t s² / v_t)(y_t − m_t δ). Driven by
 # it, every sampler is a linear-Gaussian recursion in y, so each state's law is N(mean, var) per
 # channel; `_gaussian_law` computes it in float64 straight from the spec / paper formulas (written
-# here with θ̄ and dt, not with uir_jax.sde's helpers). A sampler's states are then standardised
+# here with θ̄ and dt, not with the library's helpers). A sampler's states are then standardised
 # with that law and must have mean 0 and variance 1 within the sampling error of N = 49,152
 # pixels: |mean| < 5/sqrt(N) (5 standard errors) and |var − 1| < 6 sqrt(2/N) (6 standard errors
 # of a Gaussian sample variance), at every step. That is 0.023 and 0.038: a posterior std off by
@@ -603,9 +603,7 @@ def test_logsnr_timesteps(sde):
 def test_mr_under_jit_with_tiling_and_clip(sde):
   """mr2 inside an outer jit, with the tiled denoiser (a pointwise ε̂ gives the untiled result),
   and clip_x0 applied to every x̂_0 the solver uses."""
-  from uir_jax.sampling import (
-    tiled_eps_fn,  # what uir_jax.systems.daclip_uir.restorers.tiled_eps_fn is (re-export)
-  )
+  from uir_jax.diffusion.tiling import tiled_eps_fn  # re-exported by systems.daclip_uir.restorers
 
   mu = jax.random.uniform(jax.random.key(3), (1, 24, 20, 3), minval=0.2, maxval=0.8)
   args = (jnp.asarray(DELTA, jnp.float32), jnp.asarray(S0, jnp.float32))
