@@ -196,25 +196,16 @@ def _training_run(workdir):
   pieces (config writer, state layout, Checkpointer) without running the data pipeline and the
   step (which take ~1 min on 2 CPU cores). The EMA is made to differ from the parameters, so an
   export of the wrong ones is caught."""
+  from export_fixtures import write_one_step_run
+
   from configs import irsde_quickstart
   from uir_jax.systems.daclip_uir import irsde
-  from uir_jax.train import loop
 
   config = irsde_quickstart.get_config("tiny")
-  config.total_steps, config.checkpoint_every = 1, 1
   # Conditioned on a random tiny DA-CLIP, as the smoke configs are (embeddings of width 64).
   config.model.update(context_dim=64, use_degra_context=True, use_image_context=True)
   config.daclip.checkpoint, config.data.clip_lq = "random:tiny", True
-  loop.write_config(config, str(workdir))
-  stage = irsde.make_stage(config)
-  _, init = loop.init_state_fn(stage)
-  state = jax.jit(init)()
-  state = dict(state, step=state["step"] + 1,
-               ema=jax.tree.map(lambda p: p * 0.5 + 0.01, state["params"]))
-  ckpt = loop.Checkpointer(str(workdir), save_every=1, total_steps=1, async_save=False)
-  assert ckpt.maybe_save(1, state)
-  ckpt.close()
-  return state, stage.aux  # (aux: the frozen DA-CLIP's state the trainer drew)
+  return write_one_step_run(config, irsde.make_stage, workdir)
 
 
 def printed_words(stdout, name):

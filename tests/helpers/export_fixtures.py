@@ -89,3 +89,25 @@ def save_photo(path, height: int, width: int, seed: int = 0, mode: str = "RGB"):
     arr = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
     Image.fromarray(arr[..., 0] if channels == 1 else arr, mode).save(path)
   return path
+
+
+def write_one_step_run(config, make_stage, workdir):
+  """A training run's workdir after one step, made by the trainer's own pieces (config writer,
+  state layout, Checkpointer) without the data pipeline and the step. The EMA is made to differ
+  from the parameters, so restoring or exporting the wrong ones is caught. Returns (state, the
+  stage's aux: the frozen DA-CLIP's state the trainer drew)."""
+  import jax
+
+  from uir_jax.train import loop
+
+  config.total_steps, config.checkpoint_every = 1, 1
+  loop.write_config(config, str(workdir))
+  stage = make_stage(config)
+  _, init = loop.init_state_fn(stage)
+  state = jax.jit(init)()
+  state = dict(state, step=state["step"] + 1,
+               ema=jax.tree.map(lambda p: p * 0.5 + 0.01, state["params"]))
+  ckpt = loop.Checkpointer(str(workdir), save_every=1, total_steps=1, async_save=False)
+  assert ckpt.maybe_save(1, state)
+  ckpt.close()
+  return state, stage.aux

@@ -22,12 +22,12 @@ def _nafnet_run(workdir, view: str | None):
   with the trainer's own pieces (config writer, state layout, Checkpointer) without the data
   pipeline; `view`: the DA-CLIP's view ("windows", "crop", "resize"), None: no DA-CLIP. The EMA
   differs from the parameters, so restoring with the wrong ones is caught."""
+  from export_fixtures import write_one_step_run
+
   from configs import quickstart
   from uir_jax.systems.daclip_uir import nafnet
-  from uir_jax.train import loop
 
   config = quickstart.get_config("tiny").stage2
-  config.total_steps, config.checkpoint_every = 1, 1
   if view is None:
     config.model.update(use_degra_context=False, use_image_context=False)
     config.daclip.checkpoint, config.daclip.windows, config.data.clip_lq = "", False, False
@@ -36,16 +36,8 @@ def _nafnet_run(workdir, view: str | None):
     config.daclip.windows = view == "windows"
     if view != "windows":
       config.data.clip_view = view
-  loop.write_config(config, str(workdir))
-  stage = nafnet.make_stage(config)
-  _, init = loop.init_state_fn(stage)
-  state = jax.jit(init)()
-  state = dict(state, step=state["step"] + 1,
-               ema=jax.tree.map(lambda p: p * 0.5 + 0.01, state["params"]))
-  ckpt = loop.Checkpointer(str(workdir), save_every=1, total_steps=1, async_save=False)
-  assert ckpt.maybe_save(1, state)
-  ckpt.close()
-  return config, state, stage.aux
+  state, aux = write_one_step_run(config, nafnet.make_stage, workdir)
+  return config, state, aux
 
 
 def _photo(seed=0, h=40, w=52):
