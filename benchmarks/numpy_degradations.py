@@ -3,7 +3,7 @@
 An independent implementation of the chain that `input_pipeline.degradations.random_degrade` runs in
 TensorFlow: the same three shuffled stages, probabilities, kernel families and parameter ranges. It
 serves as the per-core speed baseline for `benchmarks/input_pipeline.py` and as a statistical
-cross-check of the TF ops (`tests/test_numpy_degradations.py`).
+cross-check of the TF ops (`tests/input_pipeline/test_numpy_degradations.py`).
 
 Images are float32 HWC **RGB** in [0, 1] (the project's convention). The reference works on cv2's
 BGR; the only colour-order-dependent steps (JPEG's YCbCr conversion, the gray Poisson noise) convert

@@ -16,6 +16,10 @@ Top-level fields (see `base`):
   strategy           "jit" (one program over the mesh; any mesh) | "pmap" (pure data parallel)
   init_from          "" or a weights file (PyTorch .pth or its .safetensors): parameters only,
                      used when the workdir has no checkpoint yet
+  trust_checkpoint   False: PyTorch files (init_from, daclip.checkpoint, clip.checkpoint) are read
+                     as data only and a pickle that asks for more is refused; True (or `uir-jax
+                     train --trust_checkpoint`) loads it with plain pickle, which RUNS CODE FROM
+                     THE FILE: only for files whose source you trust
   ema_decay          EMA of the parameters (the evaluated weights)
   loss               the stage's loss ("l1" | "l2" for irsde, "l1" | "psnr" for nafnet)
   log_every, eval_every, checkpoint_every, keep_checkpoints, eval_batch
@@ -179,6 +183,7 @@ def base(trainer: str) -> ml_collections.ConfigDict:
   c.fsdp_min_size = 2**18
   c.strategy = "jit"
   c.init_from = ""
+  c.trust_checkpoint = False
   c.ema_decay = 0.995
   c.loss = "l1"
   c.log_every = 100

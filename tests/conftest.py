@@ -8,6 +8,10 @@ import sys
 # never need triton: make `import triton` fail cleanly so torch treats it as absent.
 sys.modules.setdefault("triton", None)
 
+# PyTorch references and fixture builders live in tests/helpers (not test modules): importable by
+# their bare names (`pytest.importorskip("torch_unet")`) from every folder of the tree.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
+
 # Must happen before jax is imported anywhere: multi-device tests run on 8 fake CPU devices.
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
@@ -43,8 +47,8 @@ def rng():
 @pytest.fixture
 def one_device(monkeypatch):
   """In-process training on one of the 8 fake devices, for tests of what a run does (trains,
-  saves, resumes, stops, reports) rather than of sharding (tests/test_parallel.py and the
-  multi-device tests of tests/test_train_loop.py): an 8-way SPMD program on 2 cores costs
+  saves, resumes, stops, reports) rather than of sharding (tests/train/test_parallel.py and the
+  multi-device tests of tests/train/test_train_loop.py): an 8-way SPMD program on 2 cores costs
   these tests about a third of their time."""
   from uir_jax import parallel
 

@@ -424,25 +424,30 @@ def export_models(denoiser: Any, daclip: Any | None, out_dir: str, *, sde: Any,
   return manifest
 
 
-def export_checkpoints(unet_path: str, daclip_path: str | None, out_dir: str, **kwargs
-                       ) -> dict[str, Any]:
+def export_checkpoints(unet_path: str, daclip_path: str | None, out_dir: str, *,
+                       trust: bool = False, **kwargs) -> dict[str, Any]:
   """Exports released (or converted `.safetensors`) checkpoints: a denoiser file (U-Net or
   NAFNet, told by its keys) and, for conditioned models, its DA-CLIP file. `kwargs` as
-  `export_models` (sde default: the released models' IRSDE())."""
+  `export_models` (sde default: the released models' IRSDE()); `trust=True` reads PyTorch files
+  with plain pickle, which runs code from them (see `convert.common.read_state_dict`)."""
   from uir_jax.convert import nafnet, unet
   from uir_jax.convert.clip import load_daclip
-  from uir_jax.convert.common import read_state_dict
+  from uir_jax.convert.common import checkpoint_errors, read_state_dict
   from uir_jax.convert.denoiser import load_denoiser
   from uir_jax.diffusion.irsde import IRSDE
 
-  sd = read_state_dict(unet_path)
-  keys = nafnet.unwrap_state_dict(sd)
-  if "intro.weight" in keys:
-    spec = {"name": "cnafnet", "options": nafnet.infer_options(keys)}
-  else:
-    spec = {"name": "unet", "options": unet.infer_options(unet.unwrap_state_dict(sd))}
-  denoiser = load_denoiser(sd)
-  daclip = load_daclip(daclip_path) if daclip_path else None
+  daclip = None
+  if daclip_path:  # (first, as `Restorer.from_checkpoints`: the cheaper refusal)
+    with checkpoint_errors(daclip_path):  # a refusal names the file that was refused
+      daclip = load_daclip(daclip_path, trust=trust)
+  with checkpoint_errors(unet_path):
+    sd = read_state_dict(unet_path, trust=trust)
+    keys = nafnet.unwrap_state_dict(sd)
+    if "intro.weight" in keys:
+      spec = {"name": "cnafnet", "options": nafnet.infer_options(keys)}
+    else:
+      spec = {"name": "unet", "options": unet.infer_options(unet.unwrap_state_dict(sd))}
+    denoiser = load_denoiser(sd)
   sources = {"denoiser": _source_file(unet_path)}
   if daclip_path:
     sources["daclip"] = (_source_file(daclip_path) if os.path.isfile(daclip_path)
@@ -463,14 +468,15 @@ def _jsonable(tree: Any) -> Any:
 
 
 def export_training_run(workdir: str, out_dir: str, *, step: int | None = None,
-                        **overrides) -> dict[str, Any]:
+                        trust: bool = False, **overrides) -> dict[str, Any]:
   """Exports an IR-SDE training run of ours: its config's model, SDE and evaluation sampler, the
   EMA weights of checkpoint `step` (default: the latest) and its frozen DA-CLIP.
 
   A "random:<config>" DA-CLIP (smoke runs) is exported with its random weights, drawn from the
   run's seed exactly as the trainer drew them, so the export restores as the run evaluated; the
   manifest marks it (`sources.daclip.random_weights`). `overrides`: `export_models` keywords
-  (e.g. num_steps) that replace the config's.
+  (e.g. num_steps) that replace the config's. `trust=True` reads a PyTorch DA-CLIP file with
+  plain pickle, which runs code from it.
   """
   import ml_collections
   from flax import nnx
@@ -503,7 +509,7 @@ def export_training_run(workdir: str, out_dir: str, *, step: int | None = None,
     raise ExportError(f"{workdir}: {e}") from e
   daclip, daclip_source = None, None
   if cfg.daclip.checkpoint:
-    frozen = common.load_frozen_daclip(cfg.daclip, int(cfg.seed))
+    frozen = common.load_frozen_daclip(cfg.daclip, int(cfg.seed), trust=trust)
     daclip = nnx.merge(*frozen)
     source = str(cfg.daclip.checkpoint)
     if source.startswith(common.RANDOM_PREFIX):

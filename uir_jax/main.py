@@ -13,6 +13,10 @@ r"""The `uir-jax` command.
                [--niqe] [--output_dir OUT]
   uir-jax eval --restored OTHER_METHOD_DIR --data datasets/universal/val [metric flags]
 
+PyTorch checkpoints (.pt/.pth/.bin) are read as data only (tensors, numpy scalars): a file whose
+pickle asks for anything else is refused, naming it. --trust_checkpoint loads it anyway, which RUNS
+CODE FROM THE FILE: only for files whose source you trust. .safetensors files never need it.
+
 Commands:
   train     train the model described by an ml_collections config (see configs/*.py docstrings).
   restore   restore photos (files, folders, globs) with released (PyTorch) or converted
@@ -88,6 +92,11 @@ flags.DEFINE_string("restored", None, "eval: score the already restored images i
 # convert
 flags.DEFINE_enum("kind", None, ["daclip", "clip", "denoiser", "lpips"],
                   "convert: the model in the checkpoint (default: told from its keys).")
+# every command that reads a checkpoint
+flags.DEFINE_bool("trust_checkpoint", False, "Load PyTorch checkpoints whose pickle needs more "
+                  "than data (tensors, numpy scalars) with plain pickle: this RUNS CODE FROM THE "
+                  "FILE; only for files whose source you trust. Default: such files are refused. "
+                  "train: sets --config.trust_checkpoint.")
 # restore and eval
 flags.DEFINE_integer("tile", 512, "Run the denoiser on tiles of at most this many pixels per side, "
                      "blended over --tile_overlap pixels at every step: bounded memory for any "
@@ -104,11 +113,19 @@ def _train(argv):
   del argv
   if FLAGS.config is None or FLAGS.workdir is None:
     raise app.UsageError("train needs --config and --workdir")
+  if FLAGS.trust_checkpoint:
+    if "trust_checkpoint" not in FLAGS.config:
+      sys.exit("uir-jax train: --trust_checkpoint: this config reads no PyTorch checkpoint")
+    FLAGS.config.trust_checkpoint = True
   log_dir = _log_to_files(FLAGS.workdir)
   _hide_accelerators_from_tf(os.path.join(log_dir, "tensorflow.log"))
+  from uir_jax.convert.common import ConversionError, one_line
   from uir_jax.train import loop
 
-  result = loop.train_main(FLAGS.config, FLAGS.workdir)
+  try:
+    result = loop.train_main(FLAGS.config, FLAGS.workdir)
+  except (ConversionError, FileNotFoundError) as e:  # a refused checkpoint or a missing file
+    sys.exit("uir-jax train: " + one_line(e))
   logging.info("result: %s", result)
   loop.dump_result(result)
   if result.get("preempted"):
@@ -169,7 +186,7 @@ def _restorer():
   return Restorer.from_checkpoints(FLAGS.daclip, FLAGS.unet, mode=FLAGS.mode,
                                    num_steps=FLAGS.num_steps, tile=FLAGS.tile or None,
                                    tile_overlap=FLAGS.tile_overlap, tile_batch=FLAGS.tile_batch,
-                                   pad_multiple=FLAGS.pad_multiple)
+                                   pad_multiple=FLAGS.pad_multiple, trust=FLAGS.trust_checkpoint)
 
 
 def _eval(argv):
@@ -190,6 +207,7 @@ def _eval(argv):
 
   import jax
 
+  from uir_jax.convert.common import one_line
   from uir_jax.data_layout import list_pairs
   from uir_jax.evaluate import evaluate, format_table, score_restored, write_report
 
@@ -211,9 +229,12 @@ def _eval(argv):
       import importlib
 
       try:
-        metrics[name] = getattr(importlib.import_module(module), fn)(path)
+        metrics[name] = getattr(importlib.import_module(module), fn)(
+            path, trust=FLAGS.trust_checkpoint)
       except Exception as e:  # noqa: BLE001 - a wrong or corrupt file: say which, no traceback
-        fail(f"cannot load --{name} {path}: {type(e).__name__}: {e}")
+        text = one_line(e)  # (our errors name the file already)
+        fail(f"cannot load --{name}: {text}" if path in text else
+             f"cannot load --{name} {path}: {text}")
   if FLAGS.niqe or FLAGS.niqe_params:
     from uir_jax.metrics.niqe import NIQE
 
@@ -229,7 +250,13 @@ def _eval(argv):
       fail(str(e))
     paths = write_report(report, FLAGS.output_dir)
   else:
-    report = evaluate(_restorer(), pairs, key=jax.random.key(FLAGS.seed),
+    try:
+      restorer = _restorer()
+    except app.UsageError:
+      raise
+    except Exception as e:  # noqa: BLE001 - a wrong, corrupt or untrusted checkpoint: one line
+      fail(f"cannot load the checkpoints: {one_line(e)}")
+    report = evaluate(restorer, pairs, key=jax.random.key(FLAGS.seed),
                       output_dir=FLAGS.output_dir, **common)
     paths = {ext: os.path.join(FLAGS.output_dir, f"results.{ext}") for ext in ("json", "md", "csv")}
   print(format_table(report))
@@ -325,10 +352,12 @@ def _restore(argv):
       probs = None if emb is None else np.asarray(emb["probabilities"])[0]
       return model(image[None], seed, contexts=emb, pad_multiple=FLAGS.pad_multiple)[0], probs
   else:
+    from uir_jax.convert.common import one_line
+
     try:
       restorer = _restorer()
-    except Exception as e:  # noqa: BLE001 - a wrong or corrupt checkpoint: say which, one line
-      fail(f"cannot load the checkpoints: {type(e).__name__}: {e}")
+    except Exception as e:  # noqa: BLE001 - a wrong, corrupt or untrusted checkpoint: one line
+      fail(f"cannot load the checkpoints: {one_line(e)}")
     needs = [flag for flag in ("use_degra_context", "use_image_context")
              if getattr(restorer.unet, flag, False)]
     if needs and restorer.daclip is None:
@@ -433,10 +462,12 @@ def _export(argv):
       for name in ("mode", "num_steps"):  # the run's own evaluation sampler unless asked
         if FLAGS[name].present:
           kwargs[name] = FLAGS[name].value
-      manifest = export_training_run(FLAGS.workdir, FLAGS.out, step=FLAGS.step, **kwargs)
+      manifest = export_training_run(FLAGS.workdir, FLAGS.out, step=FLAGS.step,
+                                     trust=FLAGS.trust_checkpoint, **kwargs)
     else:
       manifest = export_checkpoints(FLAGS.unet, FLAGS.daclip, FLAGS.out, mode=FLAGS.mode,
-                                    num_steps=FLAGS.num_steps, **kwargs)
+                                    num_steps=FLAGS.num_steps, trust=FLAGS.trust_checkpoint,
+                                    **kwargs)
   except ExportError as e:
     fail(e)
   except Exception as e:  # noqa: BLE001 - a wrong or corrupt checkpoint or run: say which
@@ -458,14 +489,22 @@ def _convert(argv):
     raise app.UsageError("convert needs CHECKPOINT and OUT.safetensors")
   import os
 
+  from uir_jax.convert.common import one_line
   from uir_jax.convert.export import to_safetensors
 
+  def fail(message):
+    text = one_line(message) if isinstance(message, BaseException) else message
+    sys.exit("uir-jax convert: " + text)
+
   src, dest = argv[1], argv[2]
-  if not os.path.isfile(src):
-    raise app.UsageError(f"file not found: {src}")
+  if not os.path.exists(src):
+    fail(f"file not found: {src}")
   if not dest.endswith(".safetensors"):
     raise app.UsageError(f"the output must end in .safetensors, got {dest}")
-  kind = to_safetensors(src, dest, FLAGS.kind)
+  try:
+    kind = to_safetensors(src, dest, FLAGS.kind, trust=FLAGS.trust_checkpoint)
+  except Exception as e:  # noqa: BLE001 - a wrong, corrupt or untrusted checkpoint: one line
+    fail(e)
   print(f"{src} -> {dest} ({kind}, {os.path.getsize(dest) / 2**20:.1f} MiB)")
 
 

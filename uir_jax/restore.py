@@ -103,15 +103,22 @@ class Restorer:
       check_tiling(tile, tile_overlap, tile_batch)  # early, before any sampling
 
   @classmethod
-  def from_checkpoints(cls, daclip_path: str | None, unet_path: str, **kwargs) -> Restorer:
+  def from_checkpoints(cls, daclip_path: str | None, unet_path: str, *, trust: bool = False,
+                       **kwargs) -> Restorer:
     """Builds a restorer from PyTorch files: DA-CLIP `.pt` and the denoiser `.pth` (an IR-SDE
-    ConditionalUNet such as `universal-ir.pth`, or a ConditionalNAFNet, told apart by its keys)."""
+    ConditionalUNet such as `universal-ir.pth`, or a ConditionalNAFNet, told apart by its keys).
+    `trust=True` reads them with plain pickle, which runs code from the files."""
+    from uir_jax.convert.common import checkpoint_errors
+
     daclip = None
     if daclip_path is not None:
       from uir_jax.convert.clip import load_daclip
 
-      daclip = load_daclip(daclip_path)
-    return cls(load_denoiser(unet_path), daclip, **kwargs)
+      with checkpoint_errors(daclip_path):  # a refusal names the file that was refused
+        daclip = load_daclip(daclip_path, trust=trust)
+    with checkpoint_errors(unet_path):
+      unet = load_denoiser(unet_path, trust=trust)
+    return cls(unet, daclip, **kwargs)
 
   def conditioning(self, images: Array) -> tuple[Array | None, Array | None]:
     """(text_context, image_context) = (degradation, content) embeddings the model uses."""

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from uir_jax.convert.common import (
+  CheckpointError,
   ConversionError,
   Rule,
   assign,
@@ -280,7 +281,8 @@ def _build(cls, config: CLIPConfig, flat: Mapping[str, np.ndarray]):
 
 
 def load_clip(path_or_state_dict: str | os.PathLike | StateDict,
-              config_name: str | CLIPConfig | None = None, *, act: str | None = None) -> CLIP:
+              config_name: str | CLIPConfig | None = None, *, act: str | None = None,
+              trust: bool = False) -> CLIP:
   """A float32 `CLIP` from an open_clip/OpenAI or Hugging Face `CLIPModel` state_dict.
 
   Args:
@@ -289,8 +291,10 @@ def load_clip(path_or_state_dict: str | os.PathLike | StateDict,
     config_name: "ViT-B-32" | "ViT-L-14" | "tiny" | a CLIPConfig; None infers it from shapes.
     act: "gelu" or "quick_gelu" (OpenAI-trained weights use quick_gelu); None: "gelu" for
       open_clip layouts, "quick_gelu" for HF ones.
+    trust: read a PyTorch file with plain pickle, which runs code from the file (only for files
+      whose source you trust; default: data only, see `read_state_dict`).
   """
-  sd = unwrap_checkpoint(_read(path_or_state_dict))
+  sd = unwrap_checkpoint(_read(path_or_state_dict, trust=trust))
   hf = any(k.startswith("vision_model.") for k in sd)
   layout = "hf" if hf else "openclip"
   what = "HF CLIPModel state_dict" if hf else "open_clip CLIP state_dict"
@@ -307,22 +311,25 @@ def load_clip(path_or_state_dict: str | os.PathLike | StateDict,
 
 
 def load_daclip(path_or_state_dict: str | os.PathLike | StateDict,
-                config_name: str | CLIPConfig | None = None) -> DaCLIP:
+                config_name: str | CLIPConfig | None = None, *, trust: bool = False) -> DaCLIP:
   """A float32 `DaCLIP` from a released file (`daclip_ViT-B-32.pt`, `wild-daclip_ViT-L-14.pt`).
 
   Full training checkpoints are accepted ({"epoch", "name", "state_dict", "optimizer", "scaler"},
-  numpy globals in the pickle): only `state_dict` is used; "module." is stripped when the first key
-  has it; the duplicate `visual.*` alias keys are ignored (they equal `clip.visual.*`).
+  numpy scalars in the pickle, which are on the data allowlist): only `state_dict` is used;
+  "module." is stripped when the first key has it; the duplicate `visual.*` alias keys are
+  ignored (they equal `clip.visual.*`).
 
   A directory is read as a DA-CLIP training run of ours (`uir-jax train` with the daclip trainer):
   its config names the architecture and its latest checkpoint's EMA the controller.
 
   Args:
     config_name: "ViT-B-32" | "ViT-L-14" (or "daclip_..."), a CLIPConfig, or None to infer it.
+    trust: read a PyTorch file with plain pickle, which runs code from the file (only for files
+      whose source you trust; default: data only, see `read_state_dict`).
   """
   if isinstance(path_or_state_dict, (str, os.PathLike)) and os.path.isdir(path_or_state_dict):
     return _load_daclip_run(os.fspath(path_or_state_dict))
-  sd = unwrap_checkpoint(_read(path_or_state_dict))
+  sd = unwrap_checkpoint(_read(path_or_state_dict, trust=trust))
   config = (infer_config(sd, prefix="clip.") if config_name is None
             else _named_config(config_name, None))
   abstract = nnx.eval_shape(lambda: DaCLIP(config, rngs=nnx.Rngs(0)))
@@ -338,7 +345,10 @@ def _load_daclip_run(workdir: str) -> DaCLIP:
   from uir_jax.models.clip import get_config
   from uir_jax.models.daclip import TRAINABLE
 
-  config, state = read_training_run(workdir)
+  try:
+    config, state = read_training_run(workdir)
+  except FileNotFoundError as e:  # a directory that is no run of ours: not a DA-CLIP checkpoint
+    raise CheckpointError(str(e)) from e
   if config.get("trainer") != "daclip":
     raise ConversionError(f"{workdir}: a {config.get('trainer')!r} run, not a DA-CLIP one")
   abstract = nnx.eval_shape(lambda: DaCLIP(get_config(config["clip"]["arch"]),

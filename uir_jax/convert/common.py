@@ -18,9 +18,10 @@ Target paths are dotted strings over the model's `nnx.state(model, nnx.Param)` t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -302,38 +303,190 @@ def strip_prefix(state_dict: Mapping[str, Any], prefix: str = "module.") -> dict
   return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
 
 
-def load_torch_file(path: str) -> Mapping[str, Any]:
-  """Loads a PyTorch checkpoint file on CPU (needs the [convert] extra).
+# ----------------------------------------------------------------------------------------------
+# Reading checkpoint files: never runs code from the file unless asked to.
+# ----------------------------------------------------------------------------------------------
 
-  The released DA-CLIP files are full training checkpoints whose pickles reference numpy globals
-  (learning rates in the optimizer state), which `weights_only=True` (torch >= 2.6 default) rejects;
-  only files the user points us at are read, so `weights_only=False` is used as a fallback.
+TRUST_OPT_IN = "--trust_checkpoint (trust=True in Python)"
+
+
+class CheckpointError(ConversionError):
+  """A file cannot be read as a checkpoint: a directory, empty, truncated, not a checkpoint, not a
+  state_dict, or a pickle that asks for more than data (`UntrustedCheckpointError`)."""
+
+
+class UntrustedCheckpointError(CheckpointError):
+  """A pickle that needs globals beyond the data allowlist: loading it would run code from it."""
+
+  def __init__(self, path: str, names: Sequence[str]):
+    self.path, self.globals = path, tuple(names)
+    asked = ", ".join(names) if names else "a global it does not name"
+    super().__init__(
+        f"{path}: refused: its pickle asks for {asked}, which is not data (allowed: tensors, "
+        f"numpy scalars / arrays / dtypes, OrderedDict), so loading it could run code from the "
+        f"file. Use a .safetensors of it, or pass {TRUST_OPT_IN} only if you trust its source: "
+        f"that runs code from the file")
+
+
+def _torch_safe_globals() -> list[Any]:
+  """What `torch.load(weights_only=True)` may build besides tensors and containers: numpy scalars,
+  arrays and dtypes as numpy 1.x (`numpy.core.*`) and 2.x (`numpy._core.*`) pickle them (training
+  checkpoints keep numpy learning rates and epochs in their optimizer state). All of them are data:
+  an ndarray's state (shape, dtype, bytes or a list of objects) is unpickled under the same rules.
+  OrderedDict is on torch's own list."""
+  import numpy.dtypes
+
+  try:
+    from numpy._core import multiarray
+  except ImportError:  # numpy 1.x
+    from numpy.core import multiarray
+  dtype_classes = [v for v in vars(numpy.dtypes).values()
+                   if isinstance(v, type) and issubclass(v, np.dtype)]
+  named = [(fn, f"{module}.multiarray.{fn.__name__}")
+           for fn in (multiarray.scalar, multiarray._reconstruct)
+           for module in ("numpy.core", "numpy._core")]
+  return [np.dtype, np.ndarray, *dtype_classes, *named]
+
+
+_GLOBAL_PATTERNS = (  # torch's weights-only unpickler errors, by the global they name
+    r"GLOBAL (\S+) was not an allowed global",
+    r"unsupported GLOBAL (\S+) whose module",
+    r"allowlisted via `add_safe_globals`,? but got <class '([^']+)'>",
+)
+
+
+def refused_globals(message: str) -> list[str]:
+  """The global(s) a weights-only load refused, parsed from torch's error message; [] if none."""
+  for pattern in _GLOBAL_PATTERNS:
+    names = re.findall(pattern, message)
+    if names:
+      # torch writes builtins as bare names ("eval"); say where they come from.
+      return list(dict.fromkeys(n if "." in n else f"builtins.{n}" for n in names))
+  return []
+
+
+def _short_reason(e: BaseException) -> str:
+  """" (why)" from torch's zip reader, whose first sentence says what is wrong with the archive;
+  "" for unpickling errors (an opcode number, or advice to load the file unsafely)."""
+  if not isinstance(e, RuntimeError):
+    return ""
+  text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", " ".join(str(e).split()))
+  return f" ({text.split('. ')[0][:200]})" if text else ""
+
+
+def load_torch_file(path: str, *, trust: bool = False) -> Any:
+  """A PyTorch file (`torch.save`: zip or legacy format) read on CPU without running its code.
+
+  `torch.load(weights_only=True)` with `_torch_safe_globals` allowed for this call only. A file
+  that needs anything else raises `UntrustedCheckpointError` naming it; `trust=True` loads it with
+  plain pickle instead, which RUNS CODE FROM THE FILE: only for files whose source you trust.
+  Raises `CheckpointError` for a file that is not a readable PyTorch checkpoint.
   """
+  import os
+  import pickle
+
   try:
     import torch
   except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "reading PyTorch checkpoints needs torch: pip install 'uir-jax[convert]'"
+        "reading PyTorch checkpoints needs torch: pip install 'uir-jax[convert]' (or convert the "
+        "file to .safetensors where torch is installed: uir-jax convert)"
     ) from e
+  if os.path.getsize(path) == 0:
+    raise CheckpointError(f"{path}: empty file, not a checkpoint")
+  if trust:
+    try:
+      return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - whatever the file held: one line naming it
+      raise CheckpointError(f"{path}: cannot load it ({one_line(e)[:300]})") from e
+  # Scoped to this call (torch keeps one process-wide set): what the caller allowed stays.
+  present = set(torch.serialization.get_safe_globals())
+  allowed = [g for g in _torch_safe_globals() if g not in present]
   try:
-    return torch.load(path, map_location="cpu", weights_only=True)
-  except Exception:  # noqa: BLE001 - numpy globals or old pickles
-    return torch.load(path, map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals(allowed):
+      return torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    names = refused_globals(str(e))
+    if not names:  # a zip checkpoint: list every unlisted global, not only the first
+      try:
+        with torch.serialization.safe_globals(allowed):
+          names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+      except Exception:  # noqa: BLE001 - legacy format or unreadable: keep what we have
+        names = []
+    if names or "GLOBAL" in str(e):
+      raise UntrustedCheckpointError(path, names) from e
+    raise CheckpointError(f"{path}: not a PyTorch checkpoint, or a truncated / corrupt one"
+                          f"{_short_reason(e)}") from e
+  except Exception as e:  # noqa: BLE001 - truncated zips, text, other archives: one line
+    raise CheckpointError(f"{path}: not a PyTorch checkpoint, or a truncated / corrupt one"
+                          f"{_short_reason(e)}") from e
 
 
-def read_state_dict(path_or_state_dict: Any) -> Mapping[str, Any]:
-  """A state_dict from a .pt/.pth/.bin/.safetensors path, or the given mapping itself."""
+def read_state_dict(path_or_state_dict: Any, *, trust: bool = False) -> Mapping[str, Any]:
+  """A state_dict from a .pt/.pth/.bin/.safetensors path, or the given mapping itself.
+
+  `.safetensors` files hold arrays only (the recommended format: nothing in them can run). PyTorch
+  files go through `load_torch_file`: data only unless `trust=True`, which runs code from the
+  file. Raises FileNotFoundError for a missing file and `CheckpointError` (one line naming the
+  file) for one that cannot be read as a mapping of arrays.
+  """
   import os
 
   if isinstance(path_or_state_dict, (str, os.PathLike)):
     path = os.fspath(path_or_state_dict)
+    if os.path.isdir(path):
+      raise CheckpointError(f"{path}: a directory, not a checkpoint file")
     if not os.path.isfile(path):
       raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.endswith(".safetensors"):
       from safetensors.numpy import load_file
 
-      return load_file(path)
-    return load_torch_file(path)
+      try:
+        return load_file(path)
+      except Exception as e:  # noqa: BLE001 - SafetensorError and friends: one line naming it
+        raise CheckpointError(f"{path}: not a readable .safetensors file "
+                              f"({one_line(e)[:200]})") from e
+    ckpt = load_torch_file(path, trust=trust)
+    if trust and not isinstance(ckpt, Mapping) and callable(getattr(ckpt, "state_dict", None)):
+      ckpt = ckpt.state_dict()  # a whole pickled model, `torch.save(model)`
+    if not isinstance(ckpt, Mapping):
+      raise CheckpointError(f"{path}: holds a {type(ckpt).__name__}, not a state_dict (a mapping "
+                            f"of names to tensors)")
+    return ckpt
   if not isinstance(path_or_state_dict, Mapping):
     raise ValueError(f"expected a path or a state_dict mapping, got {type(path_or_state_dict)}")
   return path_or_state_dict
+
+
+def one_line(e: BaseException) -> str:
+  """An error as a command's one-line refusal: our errors' messages as they are (they name the
+  file), others after their type name; a multi-line message (a list of keys) joined."""
+  text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+  if isinstance(e, (ConversionError, OSError)) and text:
+    return text
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def checkpoint_errors(path: Any, field: str = "") -> Iterator[None]:
+  """Any error while loading the checkpoint `path` becomes one `CheckpointError` line naming it
+  ("[field ]path: problem"; the original is chained), so that a command refuses a wrong, corrupt
+  or untrusted file with one line instead of a traceback. A missing file stays FileNotFoundError
+  and an `UntrustedCheckpointError` stays itself (both name the file). Not a path: unchanged."""
+  import os
+
+  if not isinstance(path, (str, os.PathLike)):
+    yield
+    return
+  path = os.fspath(path)
+  try:
+    yield
+  except (FileNotFoundError, UntrustedCheckpointError):
+    raise
+  except Exception as e:  # noqa: BLE001 - wrong kind, corrupt, mismatched: named, one line
+    text = one_line(e)
+    if path not in text:
+      text = f"{path}: {text}"
+    elif isinstance(e, CheckpointError) and not field:
+      raise
+    raise CheckpointError(f"{field} {text}" if field else text) from e

@@ -64,12 +64,13 @@ def _check_buffers(sd: Mapping[str, Any]) -> None:
       raise ConversionError(f"{key} is not the DISTS L2-pool window (3x3 Hanning / 16)")
 
 
-def load_dists(vgg: Any, weights: Any = None) -> DISTS:
-  """DISTS from PyTorch weights (see the module docstring for the inputs)."""
-  sd: dict[str, Any] = dict(read_state_dict(vgg))
+def load_dists(vgg: Any, weights: Any = None, *, trust: bool = False) -> DISTS:
+  """DISTS from PyTorch weights (see the module docstring for the inputs); `trust=True` reads
+  PyTorch files with plain pickle, which runs code from them."""
+  sd: dict[str, Any] = dict(read_state_dict(vgg, trust=trust))
   has_weights = "alpha" in sd or "beta" in sd
   if not has_weights:
-    extra = read_state_dict(weights if weights is not None else _installed_weights())
+    extra = read_state_dict(weights if weights is not None else _installed_weights(), trust=trust)
     unknown = sorted(set(extra) - {"alpha", "beta"})
     if unknown:
       raise ConversionError(f"the DISTS weights file holds keys other than alpha/beta: {unknown}")

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from uir_jax.convert.common import ConversionError, read_state_dict, to_numpy
+from uir_jax.convert.common import ConversionError, checkpoint_errors, read_state_dict, to_numpy
 
 KINDS = ("daclip", "clip", "denoiser", "lpips")
 
@@ -59,15 +59,30 @@ def detect_kind(ckpt: Mapping[str, Any]) -> str:
   return "denoiser"  # the denoiser loaders name what they miss if it is not one either
 
 
-def to_safetensors(src: Any, dest: str, kind: str | None = None) -> str:
-  """Writes the network state_dict of `src` (a path or a mapping) to `dest`; returns its kind."""
+def to_safetensors(src: Any, dest: str, kind: str | None = None, *, trust: bool = False) -> str:
+  """Writes the network state_dict of `src` (a path or a mapping) to `dest`; returns its kind.
+
+  `trust=True` reads a PyTorch `src` with plain pickle, which runs code from the file (see
+  `read_state_dict`); the written file holds arrays only."""
   from safetensors.numpy import save_file
 
   if kind is not None and kind not in KINDS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
   if not str(dest).endswith(".safetensors"):
     raise ValueError(f"output must be a .safetensors file, got {dest}")
-  ckpt = read_state_dict(src)
+  with checkpoint_errors(src):  # a refusal names the file
+    kind, arrays = _network_arrays(read_state_dict(src, trust=trust), kind)
+  source = os.path.basename(os.fspath(src)) if isinstance(src, (str, os.PathLike)) else "mapping"
+  os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+  tmp = f"{dest}.tmp"
+  save_file(arrays, tmp, metadata={"format": "uir-jax state_dict", "kind": kind,
+                                   "source": source})
+  os.replace(tmp, dest)  # never a half-written file under the final name
+  return kind
+
+
+def _network_arrays(ckpt: Mapping[str, Any], kind: str | None) -> tuple[str, dict[str, Any]]:
+  """(kind, the network's state_dict as float arrays), checked by loading it once."""
   kind = kind or detect_kind(ckpt)
   unwrap, load = _loaders()[kind]
   sd = unwrap(ckpt)
@@ -77,10 +92,4 @@ def to_safetensors(src: Any, dest: str, kind: str | None = None) -> str:
       raise ConversionError(f"{kind} state_dict entry {key!r} is not a tensor ({type(value)})")
     arrays[key] = np.array(to_numpy(value), order="C")  # (ascontiguousarray makes 0-d 1-d)
   load(arrays)  # refuse now what would not load later
-  source = os.path.basename(os.fspath(src)) if isinstance(src, (str, os.PathLike)) else "mapping"
-  os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-  tmp = f"{dest}.tmp"
-  save_file(arrays, tmp, metadata={"format": "uir-jax state_dict", "kind": kind,
-                                   "source": source})
-  os.replace(tmp, dest)  # never a half-written file under the final name
-  return kind
+  return kind, arrays

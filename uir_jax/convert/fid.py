@@ -81,9 +81,11 @@ def _check_fid_weights(sd: Mapping[str, Any]) -> None:
         "anyway)")
 
 
-def load_inception(path_or_state_dict: Any, *, allow_non_fid: bool = False) -> InceptionV3:
-  """The FID Inception-v3 from PyTorch weights (see the module docstring for the inputs)."""
-  sd = _unwrap_blocks(read_state_dict(path_or_state_dict))
+def load_inception(path_or_state_dict: Any, *, allow_non_fid: bool = False,
+                   trust: bool = False) -> InceptionV3:
+  """The FID Inception-v3 from PyTorch weights (see the module docstring for the inputs);
+  `trust=True` reads a PyTorch file with plain pickle, which runs code from it."""
+  sd = _unwrap_blocks(read_state_dict(path_or_state_dict, trust=trust))
   if not allow_non_fid:
     _check_fid_weights(sd)
   # Built abstractly: initialising 22M random parameters eagerly takes ~40 s on a CPU.

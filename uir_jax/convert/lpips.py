@@ -59,12 +59,13 @@ def _installed_lin_weights() -> str:
   return os.path.join(os.path.dirname(spec.origin), "weights", "v0.1", "alex.pth")
 
 
-def load_lpips(path_or_state_dict: Any, lin: Any = None) -> LPIPS:
-  """An LPIPS(alex) metric from PyTorch weights (see the module docstring for the inputs)."""
-  sd: Mapping[str, Any] = dict(read_state_dict(path_or_state_dict))
+def load_lpips(path_or_state_dict: Any, lin: Any = None, *, trust: bool = False) -> LPIPS:
+  """An LPIPS(alex) metric from PyTorch weights (see the module docstring for the inputs);
+  `trust=True` reads PyTorch files with plain pickle, which runs code from them."""
+  sd: Mapping[str, Any] = dict(read_state_dict(path_or_state_dict, trust=trust))
   has_lins = any(k.startswith("lin") for k in sd)
   if not has_lins:
-    sd.update(read_state_dict(lin if lin is not None else _installed_lin_weights()))
+    sd.update(read_state_dict(lin if lin is not None else _installed_lin_weights(), trust=trust))
   elif lin is not None:
     raise ConversionError("the state_dict already holds LPIPS lin heads; do not pass lin= too")
   for name, expected in (("shift", _SHIFT), ("scale", _SCALE)):

@@ -188,13 +188,16 @@ def unwrap_state_dict(ckpt: StateDict) -> dict[str, Any]:
 
 
 def load_nafnet(path_or_state_dict: str | os.PathLike | StateDict, *, dtype=jnp.float32,
-                attention_impl: str = "auto", **options) -> NAFNet | ConditionalNAFNet:
+                attention_impl: str = "auto", trust: bool = False,
+                **options) -> NAFNet | ConditionalNAFNet:
   """A `ConditionalNAFNet` (if the file has `time_mlp.*`) or a `NAFNet` holding the weights.
 
   Args:
     path_or_state_dict: `.pth`/`.pt`/`.safetensors` file or a {key: tensor} mapping.
     dtype: compute dtype of the returned model (parameters stay float32).
     attention_impl: see `uir_jax.models.layers.attention` (DA-CLIP variant only).
+    trust: read a PyTorch file with plain pickle, which runs code from the file (only for files
+      whose source you trust; default: data only, see `read_state_dict`).
     **options: constructor options (`nf`, `enc_blk_nums`, `context_dim`, `norm`, ...; or
       `conditional=True/False`); each one given must agree with the file.
 
@@ -202,7 +205,7 @@ def load_nafnet(path_or_state_dict: str | os.PathLike | StateDict, *, dtype=jnp.
     ConversionError naming unexpected, missing or mis-shaped PyTorch keys, or an option that
     disagrees with the file.
   """
-  sd = unwrap_state_dict(read_state_dict(path_or_state_dict))
+  sd = unwrap_state_dict(read_state_dict(path_or_state_dict, trust=trust))
   inferred = infer_options(sd)
   check_options(options, inferred, "NAFNet")
   kw = dict(inferred)

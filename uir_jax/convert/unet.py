@@ -160,20 +160,22 @@ def unwrap_state_dict(ckpt: StateDict) -> dict[str, Any]:
 
 
 def load_unet(path_or_state_dict: str | os.PathLike | StateDict, *, dtype=jnp.float32,
-              attention_impl: str = "auto", **options) -> ConditionalUNet:
+              attention_impl: str = "auto", trust: bool = False, **options) -> ConditionalUNet:
   """A `ConditionalUNet` holding a released (or our torch-exported) IR-SDE U-Net's weights.
 
   Args:
     path_or_state_dict: `.pth`/`.pt`/`.safetensors` file or a {key: tensor} mapping.
     dtype: compute dtype of the returned model (parameters stay float32).
     attention_impl: see `uir_jax.models.layers.attention`.
+    trust: read a PyTorch file with plain pickle, which runs code from the file (only for files
+      whose source you trust; default: data only, see `read_state_dict`).
     **options: ConditionalUNet options; each one given must agree with the file.
 
   Raises:
     ConversionError naming unexpected, missing or mis-shaped keys, or an option that disagrees
     with the file.
   """
-  sd = unwrap_state_dict(read_state_dict(path_or_state_dict))
+  sd = unwrap_state_dict(read_state_dict(path_or_state_dict, trust=trust))
   inferred = infer_options(sd)
   check_options(options, inferred, "ConditionalUNet")
   make = lambda: ConditionalUNet(**inferred, rngs=nnx.Rngs(0), dtype=dtype,

@@ -24,13 +24,16 @@ def example_keys(key: jax.Array, index: jax.Array) -> jax.Array:
 
 # ---- Frozen DA-CLIP --------------------------------------------------------------------------
 
-def load_frozen_daclip(cfg: ml_collections.ConfigDict, seed: int) -> tuple[Any, Any] | None:
+def load_frozen_daclip(cfg: ml_collections.ConfigDict, seed: int, *, trust: bool = False
+                       ) -> tuple[Any, Any] | None:
   """(graphdef, state) of the DA-CLIP named by `cfg.checkpoint`, or None if it is empty.
 
   `cfg.checkpoint`: a released `.pt`, its `uir-jax convert` `.safetensors`, the workdir of one
   of our DA-CLIP training runs, or
   "random:<CLIP config>" (e.g. "random:tiny": random weights from `seed`, for tests and
   benchmarks; embeddings of a random DA-CLIP carry no information about the image).
+  `trust=True` (the config's `trust_checkpoint`) reads a PyTorch file with plain pickle, which
+  runs code from it. A file that cannot be loaded raises `CheckpointError` naming the field.
   """
   path = cfg.checkpoint
   if not path:
@@ -47,7 +50,10 @@ def load_frozen_daclip(cfg: ml_collections.ConfigDict, seed: int) -> tuple[Any, 
 
     if not os.path.exists(path):
       raise FileNotFoundError(f"daclip.checkpoint: no such file or training run {path!r}")
-    model = load_daclip(path)
+    from uir_jax.convert.common import checkpoint_errors
+
+    with checkpoint_errors(path, "daclip.checkpoint"):
+      model = load_daclip(path, trust=trust)
   graphdef, state = nnx.split(model)
   return graphdef, state
 

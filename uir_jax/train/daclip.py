@@ -112,10 +112,12 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
                   rngs=nnx.Rngs(config.seed + 17))
     else:
       from uir_jax.convert.clip import load_clip
+      from uir_jax.convert.common import checkpoint_errors
 
       if not os.path.isfile(c.checkpoint):
         raise FileNotFoundError(f"clip.checkpoint: no such file {c.checkpoint!r}")
-      clip = load_clip(c.checkpoint)
+      with checkpoint_errors(c.checkpoint, "clip.checkpoint"):
+        clip = load_clip(c.checkpoint, trust=config.get("trust_checkpoint", False))
     if clip.config != arch:
       raise ValueError(f"clip.arch is {c.arch!r} but {c.checkpoint} holds {clip.config}")
     model = DaCLIP.from_clip(clip, reference_init_quirk=not c.exact_noop_start, dtype=dtype)
@@ -189,11 +191,11 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
       prepare=prepare, strategies=("jit",))
 
 
-def load_params(path: str) -> Any:
+def load_params(path: str, *, trust: bool = False) -> Any:
   """`init_from`: the controller and logit_scale of a DA-CLIP file (released `.pt`, ours)."""
   from uir_jax.convert.clip import load_daclip
 
-  return nnx.state(load_daclip(path), TRAINABLE)
+  return nnx.state(load_daclip(path, trust=trust), TRAINABLE)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -30,7 +30,9 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     raise ValueError(f"the irsde trainer trains an IR-SDE denoiser: model.name 'unet' or "
                      f"'cnafnet', got {config.model.name!r}")
   sde = IRSDE(**config.sde)
-  frozen = common.load_frozen_daclip(config.daclip, config.seed) if conditioned else None
+  frozen = (common.load_frozen_daclip(config.daclip, config.seed,
+                                      trust=config.get("trust_checkpoint", False))
+            if conditioned else None)
   daclip_def = frozen[0] if frozen else None
   use_degra, use_image = bool(config.model.use_degra_context), bool(config.model.use_image_context)
   tx, schedule = loop.make_optimizer(config.optimizer, config.total_steps)
@@ -74,11 +76,11 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
       load_params=load_params)
 
 
-def load_params(path: str) -> Any:
+def load_params(path: str, *, trust: bool = False) -> Any:
   """`init_from`: a denoiser's parameters from a PyTorch `.pth` or its `.safetensors`."""
   from uir_jax.convert.denoiser import load_denoiser
 
-  return common.params_of(load_denoiser(path))
+  return common.params_of(load_denoiser(path, trust=trust))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

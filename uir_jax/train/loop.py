@@ -67,7 +67,8 @@ class Stage:
     aux: frozen arrays passed to loss_fn and evaluate (e.g. a frozen DA-CLIP's state), or None.
     evaluate: see `EvalFn` (receives the EMA parameters), or None.
     eval_keys: the batch fields evaluation reads.
-    load_params: path -> nnx.State of trainable parameters (for `config.init_from`), or None.
+    load_params: (path, trust=) -> nnx.State of trainable parameters (for `config.init_from`;
+      `trust`: the config's `trust_checkpoint`), or None.
     post_update: params -> params applied after every optimizer update (e.g. a clamp), or None.
     initial_state: () -> (params, rest) replacing the random init of a fresh run (e.g. a
       pretrained CLIP under a new controller), or None. Loaded on the host, then sharded.
@@ -87,7 +88,7 @@ class Stage:
   aux: Any = None
   evaluate: EvalFn | None = None
   eval_keys: tuple[str, ...] = ()
-  load_params: Callable[[str], Any] | None = None
+  load_params: Callable[..., Any] | None = None
   post_update: Callable[[Any], Any] | None = None
   initial_state: Callable[[], tuple[Any, Any]] | None = None
   prepare: Callable[[dict], dict] | None = None
@@ -350,12 +351,19 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     if changes:  # e.g. a workdir of an older config, or a run extended on purpose
       print(f"[{stage.name}] warning: resuming {workdir} (step {ckpt.latest_step}) with a config "
             f"that differs from the one it was started with: {'; '.join(changes)}", flush=True)
+  init_params = None
+  if ckpt.latest_step is None and config.init_from:
+    try:  # before the pipelines and the state: a wrong or untrusted file is refused at once
+      init_params = _load_init_from(config, stage)
+    except BaseException:
+      ckpt.close()
+      raise
   # The input pipelines (tracing the degradation chains, the first batches: seconds) are built in
   # a background thread while the state is created and the step compiled.
   inputs = None if first_step > config.total_steps else _Inputs(config, stage, local_batch,
                                                                 first_step)
   try:
-    return _train(config, workdir, stage, mesh, quiet, ckpt, first_step, inputs)
+    return _train(config, workdir, stage, mesh, quiet, ckpt, first_step, inputs, init_params)
   finally:
     if inputs is not None:
       inputs.close()
@@ -403,7 +411,18 @@ class _Inputs:
     self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _train(config, workdir, stage, mesh, quiet, ckpt, first_step, inputs):
+def _load_init_from(config: ml_collections.ConfigDict, stage: Stage) -> Any:
+  """`config.init_from`'s trainable parameters; any failure is one `CheckpointError` line naming
+  the file (a PyTorch file is read as data only unless `config.trust_checkpoint`)."""
+  from uir_jax.convert.common import checkpoint_errors
+
+  if stage.load_params is None:
+    raise ValueError(f"init_from is set, but the {stage.name} stage cannot load parameters")
+  with checkpoint_errors(config.init_from, "init_from"):
+    return stage.load_params(config.init_from, trust=bool(config.get("trust_checkpoint", False)))
+
+
+def _train(config, workdir, stage, mesh, quiet, ckpt, first_step, inputs, init_params=None):
   # Imported here: clu's writers and the tf.data pipeline need TensorFlow; the library does not.
   from clu import metric_writers
 
@@ -421,11 +440,13 @@ def _train(config, workdir, stage, mesh, quiet, ckpt, first_step, inputs):
                          f"{int(state['step'])}")
     origin = f"resumed from step {int(state['step'])} ({ckpt.directory})"
   elif config.init_from:
-    if stage.load_params is None:
-      raise ValueError(f"init_from is set, but the {stage.name} stage cannot load parameters")
-    loaded = stage.load_params(config.init_from)
-    check_same_structure(loaded, state["params"], f"init_from {config.init_from}")
-    params = parallel.place(jax.device_get(loaded), shardings["params"])
+    from uir_jax.convert.common import CheckpointError
+
+    try:
+      check_same_structure(init_params, state["params"], f"init_from {config.init_from}")
+    except ValueError as e:  # a file of another architecture: a refusal, not a crash
+      raise CheckpointError(str(e)) from e
+    params = parallel.place(jax.device_get(init_params), shardings["params"])
     state = dict(state, params=params, ema=jax.tree.map(jnp.copy, params))
     origin = f"parameters from {config.init_from}"
   elif stage.initial_state is not None:

@@ -42,7 +42,9 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
                      f"{config.model.name!r}")
   if config.loss not in LOSSES:
     raise ValueError(f"loss must be one of {LOSSES} for the nafnet trainer, got {config.loss!r}")
-  frozen = common.load_frozen_daclip(config.daclip, config.seed) if conditioned else None
+  frozen = (common.load_frozen_daclip(config.daclip, config.seed,
+                                      trust=config.get("trust_checkpoint", False))
+            if conditioned else None)
   daclip_def = frozen[0] if frozen else None
   use_degra, use_image = bool(config.model.use_degra_context), bool(config.model.use_image_context)
   tx, schedule = loop.make_optimizer(config.optimizer, config.total_steps)
@@ -74,11 +76,11 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
       load_params=load_params)
 
 
-def load_params(path: str) -> Any:
+def load_params(path: str, *, trust: bool = False) -> Any:
   """`init_from`: a direct NAFNet's parameters from a PyTorch `.pth` or its `.safetensors`."""
   from uir_jax.convert.nafnet import load_nafnet
 
-  return common.params_of(load_nafnet(path, conditional=False))
+  return common.params_of(load_nafnet(path, conditional=False, trust=trust))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

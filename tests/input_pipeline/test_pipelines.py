@@ -13,9 +13,8 @@ from PIL import Image
 
 tf = pytest.importorskip("tensorflow")
 
-from test_readers import make_bad_folder, make_universal_tree  # noqa: E402
-
 from input_pipeline import degradations, pipelines, readers  # noqa: E402
+from tests.input_pipeline.test_readers import make_bad_folder, make_universal_tree  # noqa: E402
 
 
 def _cfg(**kw):

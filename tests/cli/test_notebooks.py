@@ -11,7 +11,7 @@ from PIL import Image
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 
-NOTEBOOKS = os.path.join(os.path.dirname(__file__), os.pardir, "colabs")
+NOTEBOOKS = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "colabs")
 
 
 def _run(name, tmp_path):

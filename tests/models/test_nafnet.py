@@ -1,5 +1,5 @@
 """NAFNet / ConditionalNAFNet (+ DA-CLIP variant): structure and behaviour of the Flax models, and
-parity with our PyTorch reference (`tests/torch_nafnet.py`) through `load_nafnet`.
+parity with our PyTorch reference (`tests/helpers/torch_nafnet.py`) through `load_nafnet`.
 
 Models are built abstractly and filled with NumPy random weights (`_random_model`) and run under one
 jit (`_apply`): eager initialisation and op-by-op dispatch compile hundreds of tiny programs."""
@@ -189,7 +189,7 @@ def test_nafnet_daclip_variant_runs():
 
 
 # ----------------------------------------------------------------------------------------------
-# PyTorch parity and conversion (reference: tests/torch_nafnet.py, written from the spec).
+# PyTorch parity and conversion (reference: tests/helpers/torch_nafnet.py, written from the spec).
 # ----------------------------------------------------------------------------------------------
 
 

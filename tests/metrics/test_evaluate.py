@@ -103,7 +103,7 @@ def test_read_rgb_converts_gray_rgba_and_16_bit(tmp_path):
 
 @pytest.mark.torch
 def test_eval_command_end_to_end(test_set, tmp_path):
-  from test_cli import _save_tiny_torch_unet
+  from tests.cli.test_cli import _save_tiny_torch_unet
 
   unet = _save_tiny_torch_unet(tmp_path / "unet.pth")
   out_dir = tmp_path / "eval"

@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "numpy_degradations.py"
+_PATH = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "numpy_degradations.py"
 _spec = importlib.util.spec_from_file_location("numpy_degradations", _PATH)
 nd = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(nd)

@@ -26,7 +26,7 @@ from uir_jax import parallel
 from uir_jax.checkpoint import Checkpointer
 from uir_jax.train import TRAINERS, get_trainer, irsde, loop, nafnet
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = ["irsde_daclip_universal", "irsde_wild", "irsde", "nafnet_daclip", "nafnet",
            "irsde_quickstart", "daclip_vitb32", "daclip_vitl14_wild"]
 # Trained by test_wild_daclip_run_conditions_a_restorer (the DA-CLIP run, then a restorer on it).
@@ -61,7 +61,7 @@ def _assert_bit_equal(a, b, what):
 def _assert_close(a, b, what):
   """Equal up to the order of floating-point reductions (another all-reduce): parameters within
   1e-6 absolute (three AdamW steps of lr 2e-4 each move them up to ~1e-4), Adam's moments within
-  1e-5 of their leaf's scale + 1e-12 (the bounds of tests/test_parallel.py)."""
+  1e-5 of their leaf's scale + 1e-12 (the bounds of tests/train/test_parallel.py)."""
   assert int(a["step"]) == int(b["step"])
   for name in ("params", "ema", "opt", "rest"):
     for x, y in zip(jax.tree.leaves(a[name]), jax.tree.leaves(b[name]), strict=True):

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+README = pathlib.Path(__file__).resolve().parents[2] / "README.md"
 SETS = {"noisy": 2, "hazy": 2}  # degradation -> pairs: FID needs 2 images per set
 
 
@@ -118,13 +118,14 @@ def _write_vgg16(path):
 
 def _write_inception(path):
   import torch
-  from test_fid import _random_fid_state_dict
+
+  from tests.metrics.test_fid import _random_fid_state_dict
 
   torch.save(_random_fid_state_dict(0), path)
 
 
 def _write_test_set(root, size):
-  from test_evaluate import _write_set
+  from tests.metrics.test_evaluate import _write_set
 
   for seed, (name, n) in enumerate(SETS.items()):
     _write_set(root, name, [(size, size)] * n, seed)
@@ -226,7 +227,8 @@ def test_readme_eval_command_runs(tmp_path, kind):
 @pytest.mark.slow
 def test_readme_export_commands_run(tmp_path):
   from export_fixtures import save_photo, save_torch_unet
-  from test_export_model import _training_run
+
+  from tests.export.test_export_model import _training_run
 
   commands = _commands("export/") + _commands("restore/")
   assert [_kind(c) for c in commands][-1] == "restore/model" and len(commands) == 4

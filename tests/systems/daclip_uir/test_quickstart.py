@@ -14,7 +14,7 @@ from configs import common, quickstart
 from uir_jax.train import quickstart as qs
 
 NAMES = [name for name, _ in common.SYNTHETIC_TASKS]
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, os.pardir)
 
 
 def _run_notebook(name, cwd, env):

@@ -3,7 +3,7 @@
 The DA-CLIP file is written from a Flax `DaCLIP` by running the converter's rule table backwards
 (no open_clip needed); `load_daclip` of it must give back the same weights, which
 `test_daclip_file_round_trips` checks. The U-Net file comes from the PyTorch reference in
-`torch_unet.py`, as in test_cli.py.
+`torch_unet.py`, as in tests/cli/test_cli.py.
 """
 
 from __future__ import annotations
