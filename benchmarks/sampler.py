@@ -178,7 +178,8 @@ def trained(args, dev):
   from uir_jax.checkpoint import Checkpointer, abstract_like
   from uir_jax.denoiser import denoiser_eps_fn
   from uir_jax.metrics.image import psnr
-  from uir_jax.train import irsde, loop
+  from uir_jax.systems.daclip_uir import irsde
+  from uir_jax.train import loop
 
   spec = importlib.util.spec_from_file_location("trained_config", args.config)
   module = importlib.util.module_from_spec(spec)

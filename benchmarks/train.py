@@ -27,7 +27,8 @@ from bench_util import device_name, emit, memory
 from configs import irsde_daclip_universal, nafnet_daclip
 from uir_jax import parallel
 from uir_jax.models.clip import get_config
-from uir_jax.train import irsde, loop, nafnet
+from uir_jax.systems.daclip_uir import irsde, nafnet
+from uir_jax.train import loop
 
 # Peak dense FLOP/s per device by (device kind substring, dtype): vendors' data sheets.
 PEAKS = {

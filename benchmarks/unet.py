@@ -8,7 +8,8 @@ weights) on the default JAX device:
   * time to restore one --size^2 image with --steps posterior steps, compile time reported apart;
   * with --large N (e.g. 1024): compile the NxN forward, report its temp memory for the chosen
     attention implementation and, unless --large-compile-only, run it once; with --tile T also
-    the tiled denoiser (`uir_jax.restore.tiled_eps_fn`, T x T tiles, --tile-overlap) at NxN.
+    the tiled denoiser (`uir_jax.diffusion.tiling.tiled_eps_fn`, T x T tiles, --tile-overlap)
+    at NxN.
 
   python benchmarks/unet.py                                   # issue defaults: batch 16, 256^2
   python benchmarks/unet.py --batch 2 --size 128 --steps 10 --dtypes float32   # quick, on a CPU

@@ -142,7 +142,7 @@ def clip_config(arch: str, exact_noop_start: bool) -> ml_collections.ConfigDict:
 
 
 def daclip_loss_config(same_text_positives: bool, robust: bool) -> ml_collections.ConfigDict:
-  """DA-CLIP loss options (see uir_jax/train/daclip.py)."""
+  """DA-CLIP loss options (see uir_jax/systems/daclip_uir/daclip.py)."""
   return ml_collections.ConfigDict(dict(same_text_positives=same_text_positives, robust=robust,
                                         robust_weight=1.0))
 

@@ -13,7 +13,7 @@ duplicate degradation texts stay negatives (`contrastive.same_text_positives=Fal
 """
 
 from configs import common
-from uir_jax.zero_shot import DEGRADATION_WORDS
+from uir_jax.systems.daclip_uir.zero_shot import DEGRADATION_WORDS
 
 
 def get_config(arg: str | None = None):

@@ -1,6 +1,8 @@
-"""Photos in and out: any image file -> float32 RGB in [0, 1], and [0, 1] floats -> uint8.
+"""Photos in and out: any image file -> float32 RGB in [0, 1], [0, 1] floats -> uint8, and the
+loop that restores a list of photos (listing, output names, sidecars, progress).
 
-No TensorFlow and no model code, so the CLI, evaluation and trainers share one reader.
+No TensorFlow and no model code, so the CLI, evaluation, trainers and notebooks share it (and a
+restore from an export imports no flax).
 """
 
 from __future__ import annotations
@@ -26,3 +28,114 @@ def read_rgb(path: str) -> np.ndarray:
       scale = 255.0 if img.mode == "I" and arr.max() <= 255 else 65535.0
       return np.repeat(np.clip(arr / scale, 0, 1)[..., None], 3, axis=-1)
     return np.asarray(img.convert("RGB"), np.float32) / 255.0
+
+
+# ---- Restoring photos: the loop `uir-jax restore` and the notebooks share ---------------------
+
+PHOTO_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm",
+                    ".pgm", ".pnm", ".jp2")
+
+
+def one_line(message) -> str:
+  """A (possibly multi-line) message as one line."""
+  return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def list_photos(inputs: list[str]) -> list[str]:
+  """Files, folders (the photos directly inside, by extension) and globs -> photo paths, in order
+  and without repeats. Raises ValueError naming every input that names nothing."""
+  import glob
+  import os
+
+  photos, problems = [], []
+  for item in inputs:
+    if os.path.isdir(item):
+      found = sorted(os.path.join(item, f) for f in os.listdir(item)
+                     if f.lower().endswith(PHOTO_EXTENSIONS)
+                     and os.path.isfile(os.path.join(item, f)))
+      if not found:
+        problems.append(f"no photos ({', '.join(PHOTO_EXTENSIONS[:3])}, ...) in folder {item}")
+    elif os.path.isfile(item):
+      found = [item]
+    elif glob.has_magic(item):
+      found = sorted(p for p in glob.glob(item) if os.path.isfile(p))
+      if not found:
+        problems.append(f"no file matches {item}")
+    else:
+      found = []
+      problems.append(f"not found: {item}")
+    photos.extend(p for p in found if p not in photos)
+  if problems:
+    raise ValueError("; ".join(problems))
+  return photos
+
+
+def restore_photos(restorer, photos: list[str], output_dir: str, *, seed: int = 0,
+                   key_fn=None, words: list[str] | None = None, quiet: bool = False
+                   ) -> tuple[int, int]:
+  """Restores each photo with `restorer` into `output_dir/<name>.png` and, when it has a DA-CLIP,
+  `<name>.json` with the predicted degradation; prints one line per photo and a summary.
+
+  `restorer`: anything with the restorer interface, `embed(images)` -> {content, degradation,
+  probabilities} (called only when it has a DA-CLIP: non-empty `words`) and
+  `restorer(images, key, embeddings)` (the Flax restorers of a system, or a loaded export).
+  DA-CLIP runs once per photo: its embeddings both condition the restorer and give the printed
+  degradation. Photo i is restored with
+  `key_fn(seed + i)` (default `jax.random.key`). Unreadable photos and failed restorations are
+  reported and skipped, never stop the batch. Returns (restored, failed).
+  """
+  import json
+  import os
+  import sys
+  import time
+
+  from tqdm import tqdm
+
+  key_fn = jax.random.key if key_fn is None else key_fn
+  words = list(words if words is not None else getattr(restorer, "words", []))
+  os.makedirs(output_dir, exist_ok=True)
+  failed, used = 0, set()
+  start = time.time()
+  bar = tqdm(photos, unit="photo", file=sys.stderr, disable=True if quiet else None,
+             dynamic_ncols=True)
+  for i, path in enumerate(bar):
+    bar.set_postfix_str(os.path.basename(path)[-30:])
+    t0 = time.time()
+    try:
+      image = read_rgb(path)
+    except Exception as e:  # noqa: BLE001 - one unreadable file must not stop the batch
+      tqdm.write(f"skipping {path}: cannot read it as an image ({type(e).__name__}: "
+                 f"{one_line(e)[:200]})", file=sys.stderr)
+      failed += 1
+      continue
+    try:
+      emb = restorer.embed(image[None]) if words else {}  # words: it has a DA-CLIP
+      probs = np.asarray(emb["probabilities"])[0] if emb else None
+      out = to_uint8(restorer(image[None], key_fn(seed + i), emb or None)[0])
+    except Exception as e:  # noqa: BLE001 - e.g. too large for an export's sizes, or memory
+      tqdm.write(f"skipping {path}: {type(e).__name__}: {one_line(e)[:300]}", file=sys.stderr)
+      failed += 1
+      continue
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name, n = stem, 1
+    while name in used:  # same name from two folders: keep both
+      n += 1
+      name = f"{stem}_{n}"
+    used.add(name)
+    dest = os.path.join(output_dir, name + ".png")
+    Image.fromarray(out).save(dest)
+    h, w = image.shape[:2]
+    line = f"{path} -> {dest} ({w}x{h}, {time.time() - t0:.1f}s)"
+    if probs is not None:
+      best = int(np.argmax(probs))
+      line += f"  degradation: {words[best]} ({probs[best]:.2f})"
+      sidecar = {"input": path, "output": dest, "width": w, "height": h,
+                 "degradation": words[best], "probability": float(probs[best]),
+                 "probabilities": {word: float(p) for word, p in zip(words, probs, strict=True)}}
+      with open(os.path.join(output_dir, name + ".json"), "w") as f:
+        json.dump(sidecar, f, indent=1)
+    tqdm.write(line, file=sys.stdout)
+  bar.close()
+  print(f"{len(photos) - failed} image(s) restored, {failed} failed, "
+        f"{time.time() - start:.1f} s (-> {output_dir})")
+  return len(photos) - failed, failed

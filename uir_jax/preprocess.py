@@ -174,3 +174,76 @@ def clip_preprocess(images: jnp.ndarray, size: int = 224, *,
   std = jnp.asarray(OPENAI_STD, jnp.float32)
   return (x - mean) / std
 
+
+
+# ---- DA-CLIP's views of a photo ---------------------------------------------------------------
+# What a DA-CLIP-conditioned model read in training is the input pipeline's CLIP view of the LQ
+# (`data.clip_view`, `data.clip_size`) or, with `daclip.windows`, full-resolution windows of it.
+# These are the same views of a whole photo, in jnp only, so restoring and the export reader (no
+# model code) compute them alike.
+
+CLIP_VIEWS = ("resize", "crop", "windows")
+
+
+def _normalize_8bit(images: jnp.ndarray) -> jnp.ndarray:
+  x = jnp.round(jnp.clip(images.astype(jnp.float32), 0.0, 1.0) * 255.0) / 255.0
+  return (x - jnp.asarray(OPENAI_MEAN)) / jnp.asarray(OPENAI_STD)
+
+
+def resize_view(images: jnp.ndarray, size: int) -> jnp.ndarray:
+  """CLIP views [B, s, s, 3] at another CLIP input size (unchanged at `size`): the resize with
+  antialiasing the trainers apply when the pipeline's view is not the CLIP's size."""
+  import jax
+
+  if images.shape[1:3] == (size, size):
+    return images
+  return jax.image.resize(images, images.shape[:1] + (size, size, 3), "bilinear", antialias=True)
+
+
+def crop_view(images: jnp.ndarray, size: int) -> jnp.ndarray:
+  """Photos [B, H, W, 3] in [0, 1] -> the centre size x size crop at full resolution, 8-bit
+  rounded and OpenAI-normalised (the pipeline's `clip_view="crop"`)."""
+  h, w = images.shape[1:3]
+  if min(h, w) < size:
+    raise ValueError(f"the CLIP view 'crop' needs images of at least {size} pixels, got {h}x{w}")
+  top, left = center_crop_offsets(h, w, size)
+  return _normalize_8bit(images[:, top:top + size, left:left + size])
+
+
+def window_views(lq: jnp.ndarray, size: int) -> jnp.ndarray:
+  """LQ [B, H, W, 3] in [0, 1] -> [B, n, size, size, 3]: full-resolution size² windows tiling it
+  (per axis ceil((H - size) / size) + 1 evenly spaced offsets from 0 to H - size: 2 x 2 on a 48²
+  patch, 3 x 3 on 96² for size 32), 8-bit rounded and OpenAI-normalised like the pipeline's
+  `clip_view="crop"` (whose centre window is one of them only when n is odd)."""
+  h, w = lq.shape[1:3]
+  if min(h, w) < size:
+    raise ValueError(f"daclip.windows needs images of at least the CLIP's {size} pixels, got "
+                     f"{h}x{w}")
+
+  def offsets(n):
+    count = -(-(n - size) // size) + 1
+    return [round(i * (n - size) / max(count - 1, 1)) for i in range(count)]
+
+  x = _normalize_8bit(lq)
+  views = [x[:, top:top + size, left:left + size] for top in offsets(h) for left in offsets(w)]
+  return jnp.stack(views, axis=1)
+
+
+def photo_views(images: jnp.ndarray, view: str, size: int, model_size: int) -> jnp.ndarray:
+  """Photos [B, H, W, 3] in [0, 1] -> the DA-CLIP views a run read, [B, n, model_size,
+  model_size, 3] (n = 1 but for "windows"), normalised.
+
+  view: "resize" (`clip_preprocess` at `size`: the reference's CLIP transform), "crop" (the
+  full-resolution centre `crop_view`) or "windows" (`window_views` at the CLIP's `model_size`).
+  `size`: the pipeline's `data.clip_size`; views of another size are resized to `model_size`.
+  """
+  images = jnp.asarray(images, jnp.float32)
+  if view == "windows":
+    return window_views(images, model_size)
+  if view == "resize":
+    x = clip_preprocess(images, size)
+  elif view == "crop":
+    x = crop_view(images, size)
+  else:
+    raise ValueError(f"CLIP view must be one of {CLIP_VIEWS}, got {view!r}")
+  return resize_view(x, model_size)[:, None]

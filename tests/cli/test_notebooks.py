@@ -31,7 +31,7 @@ def _text(nb) -> str:
 
 @pytest.mark.torch
 def test_restore_your_photo(tmp_path, monkeypatch):
-  from uir_jax.zero_shot import DEGRADATION_WORDS
+  from uir_jax.systems.daclip_uir.zero_shot import DEGRADATION_WORDS
 
   photo = save_photo(tmp_path / "photo.png", 14, 18, mode="RGBA")  # converted to RGB
   save_daclip(tmp_path / "daclip.safetensors")

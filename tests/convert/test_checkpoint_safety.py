@@ -224,19 +224,19 @@ def _loader(module: str, name: str):
 
 
 def _from_checkpoints(path, **kw):
-  from uir_jax.restore import Restorer
+  from uir_jax.systems.daclip_uir.restorers import Restorer
 
   return Restorer.from_checkpoints(None, path, **kw)
 
 
 def _export_checkpoints(path, **kw):
-  from uir_jax.export import export_checkpoints
+  from uir_jax.systems.daclip_uir.export_spec import export_checkpoints
 
   return export_checkpoints(path, None, path + ".export", **kw)
 
 
 def _to_safetensors(path, **kw):
-  from uir_jax.convert.export import to_safetensors
+  from uir_jax.convert.to_safetensors import to_safetensors
 
   return to_safetensors(path, path + ".safetensors", **kw)
 
@@ -385,7 +385,7 @@ def test_training_configs_daclip_checkpoint_is_read_as_data(tmp_path):
   reads): refused without `trust_checkpoint`, named by its field when it is the wrong kind."""
   import ml_collections
 
-  from uir_jax.train import common as train_common
+  from uir_jax.systems.daclip_uir import conditioning as train_common
 
   marker = tmp_path / "MARKER"
   path = save_crafted(tmp_path / "daclip.pt", {"foo.weight": torch.zeros(2)}, marker)

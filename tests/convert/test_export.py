@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from uir_jax.convert.common import ConversionError, flat_params
-from uir_jax.convert.export import detect_kind, to_safetensors
+from uir_jax.convert.to_safetensors import detect_kind, to_safetensors
 from uir_jax.convert.unet import load_unet
 
 torch = pytest.importorskip("torch")

@@ -603,7 +603,7 @@ def test_logsnr_timesteps(sde):
 def test_mr_under_jit_with_tiling_and_clip(sde):
   """mr2 inside an outer jit, with the tiled denoiser (a pointwise ε̂ gives the untiled result),
   and clip_x0 applied to every x̂_0 the solver uses."""
-  from uir_jax.diffusion.tiling import tiled_eps_fn  # what uir_jax.restore.tiled_eps_fn is
+  from uir_jax.diffusion.tiling import tiled_eps_fn  # re-exported by systems.daclip_uir.restorers
 
   mu = jax.random.uniform(jax.random.key(3), (1, 24, 20, 3), minval=0.2, maxval=0.8)
   args = (jnp.asarray(DELTA, jnp.float32), jnp.asarray(S0, jnp.float32))

@@ -13,15 +13,17 @@ import jax
 import numpy as np
 import pytest
 from export_fixtures import (
-    save_daclip,
-    save_photo,
-    save_torch_unet,
+  save_daclip,
+  save_photo,
+  save_torch_unet,
 )
 from PIL import Image
 
-from uir_jax import export
+from uir_jax import export as export_api
 from uir_jax.diffusion.irsde import IRSDE
-from uir_jax.restore import Restorer
+from uir_jax.export import reader as export_reader
+from uir_jax.systems.daclip_uir import export_spec as export
+from uir_jax.systems.daclip_uir.restorers import Restorer
 
 THREEFRY = "threefry2x32"
 # x̂_0 divides by m_T = 0.005 at the first posterior step, so float32 rounding differences of
@@ -76,7 +78,7 @@ def test_serialized_function_equals_the_flax_model(files, cond_export):
   from uir_jax.convert.common import flat_params
   from uir_jax.convert.denoiser import load_denoiser
   from uir_jax.preprocess import clip_preprocess
-  from uir_jax.zero_shot import DEGRADATION_WORDS, classify_degradation
+  from uir_jax.systems.daclip_uir.zero_shot import DEGRADATION_WORDS, classify_degradation
 
   manifest = json.load(open(os.path.join(cond_export, "manifest.json")))
   assert manifest["denoiser"]["options"]["context_dim"] == 64
@@ -91,7 +93,7 @@ def test_serialized_function_equals_the_flax_model(files, cond_export):
   for name, entry in manifest["files"].items():
     assert _sha(os.path.join(cond_export, name)) == entry["sha256"]
 
-  model = export.load_export(cond_export)
+  model = export_api.load_export(cond_export)
   lq = np.random.default_rng(0).random((1, 18, 21, 3), np.float32)  # not a multiple of 4
   key = jax.random.key(7, impl=THREEFRY)
   out = np.asarray(model(lq, key))
@@ -130,8 +132,8 @@ def _copy(src, dest):
 def test_broken_or_mixed_exports_fail_with_one_line(tmp_path, cond_export, plain_export,
                                                     monkeypatch):
   def error(directory):
-    with pytest.raises(export.ExportError) as exc:
-      export.load_export(str(directory))
+    with pytest.raises(export_api.ExportError) as exc:
+      export_api.load_export(str(directory))
     message = str(exc.value)
     assert "\n" not in message
     return message
@@ -176,7 +178,7 @@ def test_broken_or_mixed_exports_fail_with_one_line(tmp_path, cond_export, plain
 
   bad = _copy(cond_export, tmp_path / "future")
   manifest = json.load(open(os.path.join(bad, "manifest.json")))
-  manifest["format_version"] = export.FORMAT_VERSION + 1
+  manifest["format_version"] = export_api.FORMAT_VERSION + 1
   json.dump(manifest, open(os.path.join(bad, "manifest.json"), "w"))
   assert "newer" in error(bad)
 
@@ -185,7 +187,7 @@ def test_broken_or_mixed_exports_fail_with_one_line(tmp_path, cond_export, plain
   assert "not a uir-jax export" in error(tmp_path / "run")
   assert "no such export" in error(tmp_path / "nowhere")
 
-  monkeypatch.setattr(export, "_platform", lambda: "tpu")
+  monkeypatch.setattr(export_reader, "_platform", lambda: "tpu")
   assert "exported for cpu, not tpu" in error(cond_export)
 
 
@@ -195,7 +197,8 @@ def _training_run(workdir):
   step (which take ~1 min on 2 CPU cores). The EMA is made to differ from the parameters, so an
   export of the wrong ones is caught."""
   from configs import irsde_quickstart
-  from uir_jax.train import irsde, loop
+  from uir_jax.systems.daclip_uir import irsde
+  from uir_jax.train import loop
 
   config = irsde_quickstart.get_config("tiny")
   config.total_steps, config.checkpoint_every = 1, 1
@@ -300,7 +303,7 @@ def test_training_run_exports_and_restores_without_torch(tmp_path, capsys):
 @pytest.mark.torch
 def test_restore_cli_reports_the_degradation(tmp_path, files, capsys):
   from uir_jax.preprocess import clip_preprocess
-  from uir_jax.zero_shot import DEGRADATION_WORDS, classify_degradation
+  from uir_jax.systems.daclip_uir.zero_shot import DEGRADATION_WORDS, classify_degradation
 
   for folder in ("a", "b"):
     os.makedirs(tmp_path / folder)
@@ -334,7 +337,7 @@ def test_fixed_size_exports_tile_and_pick_the_smallest_size(tmp_path, files):
                                        platforms=["cpu"])
   specs = {(f["height"], f["width"]): f for f in manifest["functions"]["restore"]}
   assert specs[(16, 16)]["tile"] is None and specs[(24, 32)]["tile"] == 16
-  model = export.load_export(out)
+  model = export_api.load_export(out)
   # A photo goes to the smallest size that holds it (padded), one larger than all fails.
   assert [model._fit(h, w)[2:] for h, w in ((10, 12), (16, 17), (20, 30))] == [
       (16, 16), (24, 32), (24, 32)]
@@ -346,7 +349,7 @@ def test_fixed_size_exports_tile_and_pick_the_smallest_size(tmp_path, files):
                   tile_overlap=4)
   want = np.asarray(flax(padded, key))[:, :20, :30]
   assert got.shape == lq.shape and float(np.abs(got - want).max()) <= TOL
-  with pytest.raises(export.ExportError, match="larger than every size"):
+  with pytest.raises(export_api.ExportError, match="larger than every size"):
     model(np.zeros((1, 30, 40, 3), np.float32), key)
 
 

@@ -14,7 +14,7 @@ from uir_jax.convert.clip import load_clip, load_daclip
 from uir_jax.convert.common import ConversionError, flat_params
 from uir_jax.models.clip import get_config
 from uir_jax.models.daclip import TRAINABLE, DaCLIP, trainable_state
-from uir_jax.zero_shot import DEGRADATION_WORDS, classify_degradation
+from uir_jax.systems.daclip_uir.zero_shot import DEGRADATION_WORDS, classify_degradation
 
 TOL = 1e-4
 VOCAB = 1000
@@ -333,7 +333,7 @@ def test_safetensors_export_of_a_released_checkpoint(reference, tmp_path):
   import torch
   from safetensors.numpy import load_file
 
-  from uir_jax.convert.export import to_safetensors
+  from uir_jax.convert.to_safetensors import to_safetensors
 
   model, images, ids, want = reference
   src = tmp_path / "daclip.pt"

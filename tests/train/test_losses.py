@@ -119,7 +119,7 @@ def test_bad_arguments():
 
 
 def test_nafnet_regression_losses():
-  from uir_jax.train.nafnet import regression_loss
+  from uir_jax.systems.daclip_uir.nafnet import regression_loss
 
   rng = np.random.default_rng(0)
   pred, gt = rng.uniform(0, 1, (2, 2, 4, 4, 3)).astype(np.float32)

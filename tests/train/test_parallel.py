@@ -21,7 +21,8 @@ import pytest
 
 from configs import irsde_daclip_universal, nafnet_daclip
 from uir_jax import parallel
-from uir_jax.train import irsde, loop, nafnet
+from uir_jax.systems.daclip_uir import irsde, nafnet
+from uir_jax.train import loop
 
 STEPS = 3
 PARAM_ATOL = 1e-6

@@ -24,7 +24,8 @@ from flax import nnx
 from configs import irsde_daclip_universal, nafnet_daclip
 from uir_jax import parallel
 from uir_jax.checkpoint import Checkpointer
-from uir_jax.train import TRAINERS, get_trainer, irsde, loop, nafnet
+from uir_jax.systems.daclip_uir import irsde, nafnet
+from uir_jax.train import TRAINERS, get_trainer, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = ["irsde_daclip_universal", "irsde_wild", "irsde", "nafnet_daclip", "nafnet",
@@ -386,7 +387,7 @@ def test_window_views_tile_the_lq_like_the_pipelines_crop_view_and_are_averaged(
   import tensorflow as tf
 
   from input_pipeline.pipelines import clip_crop
-  from uir_jax.train import common
+  from uir_jax.systems.daclip_uir import conditioning as common
 
   rng = np.random.default_rng(0)
   lq = rng.uniform(0, 1, (2, 96, 80, 3)).astype(np.float32)

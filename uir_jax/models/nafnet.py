@@ -287,7 +287,9 @@ class NAFNet(_DaCLIPMixin, _NAFNetBody):
                         dtype=jnp.float32) if global_color else None)
 
   def __call__(self, x: Array, *, text_context: Array | None = None,
-               image_context: Array | None = None) -> Array:
+               image_context: Array | None = None, mean_color: Array | None = None) -> Array:
+    """`mean_color` [B, C]: the global colour head's input mean when `x` is already padded
+    (exports of any size pad before the call); default: the mean of `x`."""
     if x.ndim != 4 or x.shape[-1] != self.img_channel:
       raise ValueError(f"NAFNet expects [B, H, W, {self.img_channel}], got {x.shape}")
     b, h, w, _ = x.shape
@@ -301,7 +303,8 @@ class NAFNet(_DaCLIPMixin, _NAFNetBody):
     inp = self._pad(x.astype(jnp.float32))
     out = self._trunk(inp, emb, context).astype(jnp.float32) + inp
     if self.color is not None:
-      stats = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # the unpadded mean colour [B, C]
+      stats = (jnp.mean(x.astype(jnp.float32), axis=(1, 2)) if mean_color is None
+               else mean_color.astype(jnp.float32))  # the unpadded mean colour [B, C]
       if emb is not None:
         stats = jnp.concatenate([emb.astype(jnp.float32), stats], axis=-1)
       gain, shift = jnp.split(self.color(stats), 2, axis=-1)

@@ -1,4 +1,5 @@
-"""Trainers, one per stage, on the shared spine (`loop.py`); `config.trainer` picks one."""
+"""The training spine (`loop.py`, `common.py`) and the trainer registry: `config.trainer` names a
+stage module of a system (imported only when asked for, so the spine imports no system)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from collections.abc import Callable
 
 # config.trainer -> module with `train_and_evaluate(config, workdir)`.
 TRAINERS = {
-    "irsde": "uir_jax.train.irsde",
-    "nafnet": "uir_jax.train.nafnet",
-    "daclip": "uir_jax.train.daclip",
-    "quickstart": "uir_jax.train.quickstart",
+    "irsde": "uir_jax.systems.daclip_uir.irsde",
+    "nafnet": "uir_jax.systems.daclip_uir.nafnet",
+    "daclip": "uir_jax.systems.daclip_uir.daclip",
+    "quickstart": "uir_jax.systems.daclip_uir.quickstart",
 }
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from configs import common, quickstart
-from uir_jax.train import quickstart as qs
+from uir_jax.systems.daclip_uir import quickstart as qs
 
 NAMES = [name for name, _ in common.SYNTHETIC_TASKS]
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, os.pardir)
@@ -79,3 +79,30 @@ def test_quickstart_tiny_runs_both_stages_reports_and_resumes(tmp_path, capsys, 
   md = open(os.path.join(workdir, "report.md")).read()
   assert "| **mean** |" in md and "random" in md  # the table and what a random CLIP means
   assert qs.format_table(report) in out  # the same table on the console
+  _restore_a_photo_with_the_run(workdir, tmp_path, capsys)
+
+
+def _restore_a_photo_with_the_run(workdir, tmp_path, capsys):
+  """The user story after training: `uir-jax restore --run WQ` on a photo of one's own (one the
+  quickstart held out) writes it and prints DA-CLIP's degradation; `uir-jax export --workdir
+  WQ/2_restorer` + `uir-jax restore --model` write the same image to 8-bit rounding."""
+  from skimage import data
+
+  from tests.export.test_export_model import _cli
+
+  photo = tmp_path / "photo.jpg"
+  Image.fromarray(data.chelsea()[::4, ::4]).save(photo)  # 75 x 113
+  out, exported, out2 = tmp_path / "out", tmp_path / "e", tmp_path / "out2"
+  assert _cli("restore", f"--run={workdir}", f"--output_dir={out}", str(photo)) in (None, 0)
+  printed = capsys.readouterr().out
+  restored = np.asarray(Image.open(out / "photo.png"))
+  assert restored.shape == np.asarray(Image.open(photo)).shape
+  sidecar = json.load(open(out / "photo.json"))
+  assert sidecar["degradation"] in NAMES and set(sidecar["probabilities"]) == set(NAMES)
+  assert f"degradation: {sidecar['degradation']} (" in printed
+  assert _cli("export", f"--workdir={os.path.join(workdir, '2_restorer')}", f"--out={exported}",
+              "--platforms=cpu") in (None, 0)
+  assert _cli("restore", f"--model={exported}", f"--output_dir={out2}", str(photo)) in (None, 0)
+  again = np.asarray(Image.open(out2 / "photo.png"))
+  assert np.abs(again.astype(int) - restored.astype(int)).max() <= 1
+  assert json.load(open(out2 / "photo.json"))["degradation"] == sidecar["degradation"]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from uir_jax import restore
 from uir_jax.diffusion.irsde import IRSDE
 from uir_jax.models.unet import ConditionalUNet
+from uir_jax.systems.daclip_uir import restorers as restore
 
 
 def _tiny_unet(**kw):

@@ -10,7 +10,8 @@ from flax import nnx
 
 from configs import common, daclip_vitb32
 from uir_jax import losses, parallel
-from uir_jax.train import daclip, loop
+from uir_jax.systems.daclip_uir import daclip
+from uir_jax.train import loop
 
 
 def _tiny(**contrastive):

@@ -26,7 +26,8 @@ import numpy as np
 from flax import nnx
 
 from uir_jax.metrics.image import psnr, ssim
-from uir_jax.train import common, daclip, nafnet
+from uir_jax.systems.daclip_uir import conditioning, daclip, nafnet
+from uir_jax.train import common
 
 STAGE_DIRS = ("1_daclip", "2_restorer")
 
@@ -105,7 +106,7 @@ def report(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   @jax.jit
   def run(dstate, nstate, lq, clip_lq):
     model = nnx.merge(dgraph, dstate)
-    content, degra = common.daclip_embed(model, clip_lq, lq, windows)
+    content, degra = conditioning.daclip_embed(model, clip_lq, lq, windows)
     pred = (l2_normalize(degra) @ l2_normalize(model.encode_text(word_ids)).T).argmax(-1)
     restored = nnx.merge(ngraph, nstate)(
         lq, text_context=degra if net.use_degra_context else None,

@@ -27,12 +27,11 @@ KINDS = ("daclip", "clip", "denoiser", "lpips")
 
 def _loaders() -> dict[str, tuple[Callable[[Mapping], dict], Callable[[Mapping], Any]]]:
   """kind -> (unwrap: file contents -> network state_dict, load: state_dict -> model)."""
-  from uir_jax.convert import clip, lpips, nafnet, unet
-  from uir_jax.convert.denoiser import load_denoiser
+  from uir_jax.convert import clip, lpips
+  from uir_jax.convert.denoiser import denoiser_architecture, load_denoiser
 
   def unwrap_denoiser(ckpt):
-    sd = nafnet.unwrap_state_dict(ckpt)
-    return sd if "intro.weight" in sd else unet.unwrap_state_dict(ckpt)
+    return denoiser_architecture(ckpt)[1]
 
   return {
       "daclip": (clip.unwrap_checkpoint, clip.load_daclip),

@@ -21,17 +21,18 @@ from flax import nnx
 from uir_jax import losses
 from uir_jax.denoiser import denoiser_eps_fn
 from uir_jax.diffusion.irsde import IRSDE
+from uir_jax.systems.daclip_uir import conditioning
 from uir_jax.train import common, loop
 
 
 def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
-  conditioned = common.check_daclip_config(config)
+  conditioned = conditioning.check_daclip_config(config)
   if config.model.name not in ("unet", "cnafnet"):
     raise ValueError(f"the irsde trainer trains an IR-SDE denoiser: model.name 'unet' or "
                      f"'cnafnet', got {config.model.name!r}")
   sde = IRSDE(**config.sde)
-  frozen = (common.load_frozen_daclip(config.daclip, config.seed,
-                                      trust=config.get("trust_checkpoint", False))
+  frozen = (conditioning.load_frozen_daclip(config.daclip, config.seed,
+                                            trust=config.get("trust_checkpoint", False))
             if conditioned else None)
   daclip_def = frozen[0] if frozen else None
   use_degra, use_image = bool(config.model.use_degra_context), bool(config.model.use_image_context)
@@ -41,8 +42,8 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
   def contexts(aux, batch):
     if aux is None:
       return None, None
-    return common.daclip_contexts(daclip_def, aux, batch["clip_lq"], use_degra=use_degra,
-                                  use_image=use_image, lq=batch["lq"], windows=windows)
+    return conditioning.daclip_contexts(daclip_def, aux, batch["clip_lq"], use_degra=use_degra,
+                                        use_image=use_image, lq=batch["lq"], windows=windows)
 
   def loss_fn(model, batch, key, aux):
     gt, lq = batch["gt"], batch["lq"]

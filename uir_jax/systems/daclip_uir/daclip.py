@@ -47,7 +47,8 @@ from flax import nnx
 from uir_jax import losses
 from uir_jax.models.clip import l2_normalize
 from uir_jax.models.daclip import TRAINABLE, DaCLIP
-from uir_jax.train import common, loop
+from uir_jax.systems.daclip_uir import conditioning
+from uir_jax.train import loop
 
 
 def text_group(text: str) -> int:
@@ -107,8 +108,8 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     return DaCLIP(arch, rngs=nnx.Rngs(config.seed), dtype=dtype)
 
   def initial_state():
-    if c.checkpoint.startswith(common.RANDOM_PREFIX):
-      clip = CLIP(get_config(c.checkpoint.removeprefix(common.RANDOM_PREFIX)),
+    if c.checkpoint.startswith(conditioning.RANDOM_PREFIX):
+      clip = CLIP(get_config(c.checkpoint.removeprefix(conditioning.RANDOM_PREFIX)),
                   rngs=nnx.Rngs(config.seed + 17))
     else:
       from uir_jax.convert.clip import load_clip
@@ -129,7 +130,7 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
 
   def loss_fn(model, batch, key, aux):
     del key, aux
-    images = common.clip_view(batch["clip_lq"], arch.image_size)
+    images = conditioning.clip_view(batch["clip_lq"], arch.image_size)
     content, degra = model.encode_image(images, control=True)
     text = l2_normalize(model.encode_text(batch["caption_ids"]).astype(jnp.float32))
     dtext = l2_normalize(model.encode_text(batch["degradation_ids"]).astype(jnp.float32))
@@ -137,7 +138,8 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     total, parts = losses.daclip_loss(l2_normalize(content), text, l2_normalize(degra), dtext,
                                       model.logit_scale[...], degradation_groups=groups)
     if lc.robust:
-      clean = model.encode_image(common.clip_view(batch["clip_gt"], arch.image_size), control=False)
+      clean = model.encode_image(conditioning.clip_view(batch["clip_gt"], arch.image_size),
+                                 control=False)
       parts["robust_l1"] = losses.embedding_l1_loss(content, clean)
       total = total + lc.robust_weight * parts["robust_l1"]
     parts["logit_scale"] = model.logit_scale[...]
@@ -158,7 +160,8 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
   @jax.jit(static_argnums=0)
   def _embed(graphdef, params, rest, clip_lq, caption_ids):
     model = nnx.merge(graphdef, params, rest)
-    content, degra = model.encode_image(common.clip_view(clip_lq, arch.image_size), control=True)
+    content, degra = model.encode_image(conditioning.clip_view(clip_lq, arch.image_size),
+                                        control=True)
     text = l2_normalize(model.encode_text(word_ids))
     captions = l2_normalize(model.encode_text(caption_ids))
     return (l2_normalize(degra) @ text.T).argmax(-1), (l2_normalize(content) @ captions.T)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from uir_jax.systems.daclip_uir import conditioning
 from uir_jax.train import common, loop
 
 LOSSES = ("l1", "psnr")
@@ -36,14 +37,14 @@ def regression_loss(pred: jax.Array, target: jax.Array, kind: str) -> jax.Array:
 
 
 def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
-  conditioned = common.check_daclip_config(config)
+  conditioned = conditioning.check_daclip_config(config)
   if config.model.name != "nafnet":
     raise ValueError(f"the nafnet trainer trains a direct NAFNet: model.name 'nafnet', got "
                      f"{config.model.name!r}")
   if config.loss not in LOSSES:
     raise ValueError(f"loss must be one of {LOSSES} for the nafnet trainer, got {config.loss!r}")
-  frozen = (common.load_frozen_daclip(config.daclip, config.seed,
-                                      trust=config.get("trust_checkpoint", False))
+  frozen = (conditioning.load_frozen_daclip(config.daclip, config.seed,
+                                            trust=config.get("trust_checkpoint", False))
             if conditioned else None)
   daclip_def = frozen[0] if frozen else None
   use_degra, use_image = bool(config.model.use_degra_context), bool(config.model.use_image_context)
@@ -53,7 +54,7 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
   def forward(model, aux, batch):
     text_context = image_context = None
     if aux is not None:
-      text_context, image_context = common.daclip_contexts(
+      text_context, image_context = conditioning.daclip_contexts(
           daclip_def, aux, batch["clip_lq"], use_degra=use_degra, use_image=use_image,
           lq=batch["lq"], windows=windows)
     return model(batch["lq"], text_context=text_context, image_context=image_context)
