@@ -15,13 +15,16 @@
 #                 fp32, data-parallel; FSDP too where there is more than one device (on one device
 #                 the FSDP mesh (1, 1) is the same program, so it is reported as skipped)
 #                 (benchmarks/train.py)
-#   restore_*     one 256² photo restored with 100 and 10 posterior calls, fp32 and bf16
+#   restore_float32  one 256² photo restored with 100 and 10 posterior calls
 #                 (benchmarks/unet.py --only restore)
-#   daclip_*      DA-CLIP ViT-B/32: encode_image(control=True) and controller training, images/s
-#                 (benchmarks/daclip.py)
+#   daclip_float32  DA-CLIP ViT-B/32, batch 64: encode_image(control=True) and controller
+#                 training, images/s (benchmarks/daclip.py)
 #   input_pipeline  degraded 256² examples/s per core on the host CPU: tf.data when TensorFlow is
 #                 installed (the GPU image has none), else the NumPy/OpenCV reference only
 #                 (benchmarks/input_pipeline.py)
+#   then, while the budget lasts: restore and daclip in the other dtype (bf16).
+# Steps the budget cut are listed as skipped; a second call with DEVICE_ONLY=<their prefixes> takes
+# them (on the device tool each call gets a fresh $OUT: keep both calls' files).
 #
 # Output, in OUTDIR (at most 8 files come back from the device tool; these are 3):
 #   results.jsonl  every JSON line the scripts printed, each with "step" added, plus one
@@ -35,10 +38,12 @@
 #   echo /.whl/ >> .git/info/exclude     # .gitignore already lists /.whl/
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       -d .whl ml_collections==1.1.0 flax==0.12.8
+#       -d .whl ml_collections==1.1.0
 #
-# (ml_collections: the configs import it; flax: the version the tests ran with, pinned over the
-# image's own. Both are pure-Python wheels, well under the 64 MiB a call may carry.) Then one call:
+# (the configs import ml_collections: a 77 KB pure-Python wheel; its needs, absl-py and PyYAML, are
+# in the image). The image's own jax (0.11, CUDA) and flax are used as they are: the env step
+# records their versions next to the tested ones (jax 0.10.2, flax 0.12.8); if flax's API differs,
+# add flax==0.12.8 to the download line. Then one call:
 #
 #   run(command="bash benchmarks/device.sh", carry=[".whl"], timeout_s=540)
 #
@@ -167,7 +172,7 @@ else
   ATTN=()
   DACLIP=(--model ViT-B-32 --batch 64 --steps 5 --warmup 2)
   PIPE=(--num-examples 128 --warmup 16)
-  T_TRAIN=100 T_RESTORE=120 T_ATTN=60 T_DACLIP=60 T_PIPE=90
+  T_TRAIN=110 T_RESTORE=120 T_ATTN=90 T_DACLIP=75 T_PIPE=60
 fi
 
 step env 60 "$PY" -c '
@@ -197,11 +202,9 @@ step attention "$T_ATTN" "$PY" $B/attention.py --dtype bfloat16 "${ATTN[@]}"
 
 LAYOUTS=data
 if [ "${NDEV:-1}" -gt 1 ]; then LAYOUTS=data,fsdp; fi
-for model in unet nafnet; do
-  for dtype in bfloat16 float32; do
-    step "train_${model}_${dtype}" "$T_TRAIN" "$PY" $B/train.py --models $model --dtypes $dtype \
-      --layouts $LAYOUTS "${TRAIN[@]}"
-  done
+for run in unet_bfloat16 nafnet_bfloat16 unet_float32 nafnet_float32; do
+  step "train_$run" "$T_TRAIN" "$PY" $B/train.py --models "${run%%_*}" --dtypes "${run#*_}" \
+    --layouts $LAYOUTS "${TRAIN[@]}"
 done
 if [ "$LAYOUTS" = data ] && { [ -z "$ONLY" ] || _wanted train; }; then
   _status train_fsdp skipped 0 0 0 \
@@ -209,17 +212,19 @@ if [ "$LAYOUTS" = data ] && { [ -z "$ONLY" ] || _wanted train; }; then
 fi
 
 step restore_float32 "$T_RESTORE" "$PY" $B/unet.py --only restore --dtypes float32 "${RESTORE[@]}"
-step restore_bfloat16 "$T_RESTORE" "$PY" $B/unet.py --only restore --dtypes bfloat16 "${RESTORE[@]}"
-
 step daclip_float32 "$T_DACLIP" "$PY" $B/daclip.py --dtype float32 "${DACLIP[@]}"
-step daclip_bfloat16 "$T_DACLIP" "$PY" $B/daclip.py --dtype bfloat16 "${DACLIP[@]}"
 
 if [ "${HAS_TF:-0}" = 1 ]; then
   step input_pipeline "$T_PIPE" "$PY" $B/input_pipeline.py "${PIPE[@]}"
 else
   step input_pipeline "$T_PIPE" "$PY" $B/input_pipeline.py --only numpy "${PIPE[@]}"
-  { [ -z "$ONLY" ] || _wanted input_pipeline; } && _status input_pipeline_tf skipped 0 0 0 "TensorFlow is not installed on this machine"
+  { [ -z "$ONLY" ] || _wanted input_pipeline; } && _status input_pipeline_tf skipped 0 0 0 \
+    "TensorFlow is not installed on this machine"
 fi
+
+# Extras, while the budget lasts: the same figures in the other dtype.
+step restore_bfloat16 "$T_RESTORE" "$PY" $B/unet.py --only restore --dtypes bfloat16 "${RESTORE[@]}"
+step daclip_bfloat16 "$T_DACLIP" "$PY" $B/daclip.py --dtype bfloat16 "${DACLIP[@]}"
 
 # Summary: one row per step, then the figures.
 "$PY" - "$RESULTS" "$(( $(date +%s) - START ))" <<'EOF' | tee "$SUMMARY"
