@@ -30,8 +30,8 @@ Array = jax.Array
 def zero_conv(cin: int, cout: int, kernel: int, *, rngs: nnx.Rngs, dtype) -> nnx.Conv:
   """A convolution whose kernel and bias start at zero (diffusers `zero_module`)."""
   c = conv(cin, cout, kernel, rngs=rngs, dtype=dtype)
-  c.kernel.value = jnp.zeros_like(c.kernel.value)
-  c.bias.value = jnp.zeros_like(c.bias.value)
+  c.kernel.set_value(jnp.zeros_like(c.kernel[...]))
+  c.bias.set_value(jnp.zeros_like(c.bias[...]))
   return c
 
 
