@@ -302,3 +302,130 @@ def test_pipeline_folder_finds_its_subfolder(saved_unet, tmp_path):
   shutil.copytree(saved_unet, tmp_path / "pipe" / "unet")
   (tmp_path / "pipe" / "model_index.json").write_text("{}")
   assert load_unet(tmp_path / "pipe").config.block_out_channels == (32, 64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Single-file CompVis / LDM checkpoints.
+# ----------------------------------------------------------------------------------------------
+
+# LDM files always use 32 norm groups; SD 1.x style: 8 heads, 1x1-conv projections.
+LDM_UNET = dict(SD15, norm_num_groups=32, attention_head_dim=8)
+LDM_VAE = dict(VAE, norm_num_groups=32)
+_RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                  "norm2": "out_layers.0", "conv2": "out_layers.3",
+                  "conv_shortcut": "skip_connection"}
+
+
+def _swap(rest: str, table: dict) -> str:
+  head, _, tail = rest.partition(".")
+  return f"{table.get(head, head)}.{tail}"
+
+
+def _unet_to_ldm(sd: dict, layers: int) -> dict:
+  """diffusers UNet keys -> LDM keys (the inverse of spec §3.7's table, written for this test and
+  checked against diffusers' own `convert_ldm_unet_checkpoint`)."""
+  import re
+
+  from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+  fixed = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+  has_attn = {int(m.group(1)) for k in sd if (m := re.match(r"up_blocks\.(\d+)\.attentions", k))}
+  out = {}
+  for k, v in sd.items():
+    if k in fixed:
+      new = fixed[k]
+    elif m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", k):
+      i = 1 + int(m.group(1)) * (layers + 1) + int(m.group(3))
+      new = (f"input_blocks.{i}.0." + _swap(m.group(4), _RESNET_TO_LDM) if m.group(2) == "resnets"
+             else f"input_blocks.{i}.1.{m.group(4)}")
+    elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", k):
+      new = f"input_blocks.{1 + int(m.group(1)) * (layers + 1) + layers}.0.op.{m.group(2)}"
+    elif m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d)\.(.+)", k):
+      if m.group(1) == "attentions":
+        new = f"middle_block.1.{m.group(3)}"
+      else:
+        new = f"middle_block.{2 * int(m.group(2))}." + _swap(m.group(3), _RESNET_TO_LDM)
+    elif m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", k):
+      i = int(m.group(1)) * (layers + 1) + int(m.group(3))
+      new = (f"output_blocks.{i}.0." + _swap(m.group(4), _RESNET_TO_LDM) if m.group(2) == "resnets"
+             else f"output_blocks.{i}.1.{m.group(4)}")
+    elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", k):
+      b = int(m.group(1))
+      j = 2 if b in has_attn else 1
+      new = f"output_blocks.{b * (layers + 1) + layers}.{j}.conv.{m.group(2)}"
+    else:
+      raise AssertionError(f"no LDM name for {k}")
+    out["model.diffusion_model." + new] = v
+  return out
+
+
+def _vae_to_ldm(sd: dict, levels: int) -> dict:
+  """diffusers AutoencoderKL keys -> LDM keys (1x1-conv attention weights, reversed decoder)."""
+  import re
+
+  from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+  fixed = DIFFUSERS_TO_LDM_MAPPING["vae"]
+  attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+  out = {}
+  for k, v in sd.items():
+    if k in fixed:
+      new = fixed[k]
+    elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", k):
+      new = f"encoder.down.{m.group(1)}.block.{m.group(2)}." + _swap(
+          m.group(3), {"conv_shortcut": "nin_shortcut"})
+    elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", k):
+      new = f"encoder.down.{m.group(1)}.downsample.conv.{m.group(2)}"
+    elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", k):
+      new = f"decoder.up.{levels - 1 - int(m.group(1))}.block.{m.group(2)}." + _swap(
+          m.group(3), {"conv_shortcut": "nin_shortcut"})
+    elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", k):
+      new = f"decoder.up.{levels - 1 - int(m.group(1))}.upsample.conv.{m.group(2)}"
+    elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.+)", k):
+      new = f"{m.group(1)}.mid.block_{int(m.group(2)) + 1}.{m.group(3)}"
+    elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(\w+)(?:\.0)?\.(.+)", k):
+      new = f"{m.group(1)}.mid.attn_1.{attn[m.group(2)]}.{m.group(3)}"
+      if v.ndim == 2:
+        v = v[:, :, None, None]
+    else:
+      raise AssertionError(f"no LDM name for {k}")
+    out["first_stage_model." + new] = v
+  return out
+
+
+def test_single_file_ldm_checkpoint_converts_to_the_same_parameters(tmp_path):
+  import torch
+  from diffusers import AutoencoderKL as TorchVAE
+  from diffusers.loaders.single_file_utils import (
+      convert_ldm_unet_checkpoint,
+      convert_ldm_vae_checkpoint,
+  )
+  from safetensors.torch import save_file
+
+  from uir_jax.convert.common import flat_params
+  from uir_jax.convert.sd import load_unet, load_vae
+
+  unet = _torch_unet(LDM_UNET)
+  torch.manual_seed(1)
+  vae = _perturb(TorchVAE(**LDM_VAE), 4)
+  unet.save_pretrained(tmp_path / "unet")
+  vae.save_pretrained(tmp_path / "vae")
+  usd, vsd = unet.state_dict(), vae.state_dict()
+  ldm = {**_unet_to_ldm(usd, 1), **_vae_to_ldm(vsd, 2),
+         "cond_stage_model.transformer.x": torch.zeros(1)}
+  # The fixture is the LDM layout: diffusers' own single-file converters give the weights back.
+  back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
+  assert back.keys() == usd.keys() and all(torch.equal(back[k], usd[k]) for k in usd)
+  back = convert_ldm_vae_checkpoint(ldm, dict(vae.config))
+  assert back.keys() == vsd.keys()
+  assert all(torch.equal(back[k].reshape(vsd[k].shape), vsd[k]) for k in vsd)
+  save_file({k: v.contiguous() for k, v in ldm.items()}, str(tmp_path / "sd.safetensors"))
+
+  for load, folder in ((load_unet, "unet"), (load_vae, "vae")):
+    single = load(tmp_path / "sd.safetensors")  # config inferred from the shapes
+    want = flat_params(nnx_state(load(tmp_path / folder)))
+    got = flat_params(nnx_state(single))
+    assert got.keys() == want.keys()
+    for k in want:
+      np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+    assert single.config == load(tmp_path / folder).config

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -120,13 +121,23 @@ def _weights_file(folder: str, variant: str | None) -> str:
   raise FileNotFoundError(f"no {stem}.safetensors or {stem}.bin in {folder}")
 
 
+def _unwrap(sd: Mapping[str, Any]) -> Mapping[str, Any]:
+  """A .ckpt's "state_dict" entry, or the mapping itself."""
+  inner = sd.get("state_dict")
+  return inner if isinstance(inner, Mapping) else sd
+
+
 def read_model(path: str | os.PathLike, cls: str, subfolder: str, *,
                config: Mapping[str, Any] | None = None, variant: str | None = None
                ) -> tuple[dict[str, Any], dict[str, Any], str]:
-  """(config dict, state_dict, weights path) of a diffusers model folder or weights file.
+  """(config dict, state_dict with diffusers names, weights path) of a diffusers model folder, a
+  weights file, or a single-file LDM checkpoint.
 
-  `path` is a model folder, a pipeline folder holding `subfolder/`, or a weights file (its config
-  from `config` or the `config.json` beside it). The config's `_class_name` must be `cls`.
+  `path` is a model folder, a pipeline folder holding `subfolder/`, or a file: a single-file
+  CompVis/LDM checkpoint (`model.diffusion_model.*`, `first_stage_model.*`, `control_model.*`;
+  its keys renamed by spec §3.7's table, its config `config` or inferred from the shapes), else a
+  diffusers weights file (its config `config` or the `config.json` beside it). The config's
+  `_class_name` must be `cls`.
   """
   path = os.fspath(path)
   if os.path.isdir(path):
@@ -139,6 +150,15 @@ def read_model(path: str | os.PathLike, cls: str, subfolder: str, *,
     folder, weights = os.path.dirname(path), path
   else:
     raise FileNotFoundError(f"{cls}: no such folder or file: {path}")
+  sd = dict(_unwrap(_read_weights(weights)))
+  prefix, rename, infer = _LDM[cls]
+  if any(k.startswith(prefix) for k in sd):
+    sd = rename(ldm_sections(sd, prefix))
+    config = dict(config) if config is not None else infer(sd)
+    return config, sd, weights + f" (single-file LDM {prefix}*, renamed to diffusers keys)"
+  if os.path.isfile(path) and any(k.startswith(p) for p, _, _ in _LDM.values() for k in sd):
+    raise ConversionError(f"{weights} is a single-file LDM checkpoint without a {cls} "
+                          f"({prefix}* keys)")
   cfg_path = os.path.join(folder, "config.json")
   if config is None:
     if not os.path.isfile(cfg_path):
@@ -151,7 +171,7 @@ def read_model(path: str | os.PathLike, cls: str, subfolder: str, *,
   name = config.get("_class_name", cls)
   if name != cls:
     raise ConversionError(f"{cfg_path} describes a {name} (_class_name), not a {cls}")
-  return dict(config), _read_weights(weights), weights
+  return dict(config), sd, weights
 
 
 def _load(make: Callable[[], nnx.Module], sd: StateDict, weights: str, cls: str,
@@ -210,5 +230,191 @@ def load_controlnet(path: str | os.PathLike, *, config: Mapping[str, Any] | None
                sd, weights, "ControlNetModel")
 
 
-__all__ = ["ConversionError", "load_controlnet", "load_unet", "load_vae", "read_model",
+# ----------------------------------------------------------------------------------------------
+# Single-file CompVis / LDM checkpoints (spec §3.7).
+# ----------------------------------------------------------------------------------------------
+
+LDM_UNET = "model.diffusion_model."
+LDM_VAE = "first_stage_model."
+LDM_CONTROLNET = "control_model."
+_LDM_RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+               "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_LDM_VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v",
+                 "proj_out": "to_out.0"}
+
+
+def _sub(rest: str, table: Mapping[str, str]) -> str:
+  for old, new in table.items():
+    if rest.startswith(old + "."):
+      return new + rest[len(old):]
+  return rest
+
+
+def ldm_sections(sd: StateDict, prefix: str) -> dict[str, Any]:
+  """The keys under `prefix` with the prefix removed."""
+  return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _levels(sd: StateDict) -> tuple[int, int]:
+  """(number of resolution levels, resnets per down level) of an LDM UNet state_dict."""
+  inputs = {int(m.group(1)) for k in sd if (m := re.match(r"input_blocks\.(\d+)\.", k))}
+  ops = {int(m.group(1)) for k in sd if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.", k))}
+  if not inputs:
+    raise ConversionError("not an LDM UNet: no input_blocks.* keys")
+  n = len(ops) + 1
+  total = max(inputs) + 1
+  if (total - n) % n:
+    raise ConversionError(f"LDM UNet with {total} input_blocks and {len(ops)} downsamplers does "
+                          "not have the same number of resnets per level")
+  return n, (total - n) // n
+
+
+def ldm_unet_to_diffusers(sd: StateDict) -> dict[str, Any]:
+  """An LDM UNet (or ControlNet) state_dict, prefix removed -> diffusers key names.
+
+  Keys the table does not know are passed through unchanged (the converter then names them).
+  """
+  _, L = _levels(sd)
+  hint = sorted({int(m.group(1)) for k in sd
+                 if (m := re.match(r"input_hint_block\.(\d+)\.", k))})
+  out: dict[str, Any] = {}
+  for key, v in sd.items():
+    new = key
+    if m := re.fullmatch(r"input_blocks\.(\d+)\.(\d+)\.(.+)", key):
+      i, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+      b, layer = (i - 1) // (L + 1), (i - 1) % (L + 1)
+      if i == 0:
+        new = "conv_in." + rest
+      elif layer == L and rest.startswith("op."):
+        new = f"down_blocks.{b}.downsamplers.0.conv." + rest[3:]
+      elif j == 0:
+        new = f"down_blocks.{b}.resnets.{layer}." + _sub(rest, _LDM_RESNET)
+      elif j == 1:
+        new = f"down_blocks.{b}.attentions.{layer}." + rest
+    elif m := re.fullmatch(r"middle_block\.(\d)\.(.+)", key):
+      j, rest = int(m.group(1)), m.group(2)
+      new = (f"mid_block.attentions.0.{rest}" if j == 1 else
+             f"mid_block.resnets.{j // 2}." + _sub(rest, _LDM_RESNET))
+    elif m := re.fullmatch(r"output_blocks\.(\d+)\.(\d+)\.(.+)", key):
+      i, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+      b, layer = i // (L + 1), i % (L + 1)
+      if j == 0:
+        new = f"up_blocks.{b}.resnets.{layer}." + _sub(rest, _LDM_RESNET)
+      elif rest.startswith("conv."):
+        new = f"up_blocks.{b}.upsamplers.0.conv." + rest[5:]
+      elif j == 1:
+        new = f"up_blocks.{b}.attentions.{layer}." + rest
+    elif m := re.fullmatch(r"time_embed\.([02])\.(.+)", key):
+      new = f"time_embedding.linear_{1 + int(m.group(1)) // 2}.{m.group(2)}"
+    elif m := re.fullmatch(r"out\.([02])\.(.+)", key):
+      new = ("conv_norm_out." if m.group(1) == "0" else "conv_out.") + m.group(2)
+    elif m := re.fullmatch(r"input_hint_block\.(\d+)\.(.+)", key):
+      k = int(m.group(1))
+      name = ("conv_in" if k == 0 else "conv_out" if k == hint[-1] else
+              f"blocks.{(k - 2) // 2}")
+      new = f"controlnet_cond_embedding.{name}.{m.group(2)}"
+    elif m := re.fullmatch(r"zero_convs\.(\d+)\.0\.(.+)", key):
+      new = f"controlnet_down_blocks.{m.group(1)}.{m.group(2)}"
+    elif m := re.fullmatch(r"middle_block_out\.0\.(.+)", key):
+      new = "controlnet_mid_block." + m.group(1)
+    out[new] = v
+  return out
+
+
+def ldm_vae_to_diffusers(sd: StateDict) -> dict[str, Any]:
+  """An LDM VAE state_dict (`first_stage_model.` removed) -> diffusers key names."""
+  ups = {int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up\.(\d+)\.", k))}
+  n = max(ups) + 1 if ups else 0
+  out: dict[str, Any] = {}
+  for key, v in sd.items():
+    new = key
+    if m := re.fullmatch(r"encoder\.down\.(\d+)\.block\.(\d+)\.(.+)", key):
+      new = f"encoder.down_blocks.{m.group(1)}.resnets.{m.group(2)}." + _sub(
+          m.group(3), {"nin_shortcut": "conv_shortcut"})
+    elif m := re.fullmatch(r"encoder\.down\.(\d+)\.downsample\.conv\.(.+)", key):
+      new = f"encoder.down_blocks.{m.group(1)}.downsamplers.0.conv.{m.group(2)}"
+    elif m := re.fullmatch(r"decoder\.up\.(\d+)\.block\.(\d+)\.(.+)", key):
+      new = f"decoder.up_blocks.{n - 1 - int(m.group(1))}.resnets.{m.group(2)}." + _sub(
+          m.group(3), {"nin_shortcut": "conv_shortcut"})
+    elif m := re.fullmatch(r"decoder\.up\.(\d+)\.upsample\.conv\.(.+)", key):
+      new = f"decoder.up_blocks.{n - 1 - int(m.group(1))}.upsamplers.0.conv.{m.group(2)}"
+    elif m := re.fullmatch(r"(encoder|decoder)\.mid\.block_([12])\.(.+)", key):
+      new = f"{m.group(1)}.mid_block.resnets.{int(m.group(2)) - 1}." + _sub(
+          m.group(3), {"nin_shortcut": "conv_shortcut"})
+    elif m := re.fullmatch(r"(encoder|decoder)\.mid\.attn_1\.(.+)", key):
+      new = f"{m.group(1)}.mid_block.attentions.0." + _sub(m.group(2), _LDM_VAE_ATTN)
+    elif m := re.fullmatch(r"(encoder|decoder)\.norm_out\.(.+)", key):
+      new = f"{m.group(1)}.conv_norm_out.{m.group(2)}"
+    out[new] = v
+  return out
+
+
+def infer_unet_config(sd: StateDict, controlnet: bool = False) -> dict[str, Any]:
+  """A diffusers config for an LDM UNet / ControlNet (diffusers names, from
+  `ldm_unet_to_diffusers`), read off the shapes: SD 1.x (1x1-conv projections, 8 heads) or SD 2.x
+  (Linear projections, 64 channels per head). Norm groups 32 as every LDM model."""
+  def shape(key: str) -> tuple[int, ...]:
+    if key not in sd:
+      raise ConversionError(f"cannot infer the UNet config: key {key!r} is missing")
+    return tuple(sd[key].shape)
+
+  blocks = sorted({int(m.group(1)) for k in sd if (m := re.match(r"down_blocks\.(\d+)\.", k))})
+  layers = 1 + max(int(m.group(1)) for k in sd
+                   if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k)))
+  channels = [shape(f"down_blocks.{b}.resnets.0.conv1.weight")[0] for b in blocks]
+  cross = [f"down_blocks.{b}.attentions.0.proj_in.weight" in sd for b in blocks]
+  attn = [k for k in sd if k.endswith("attn2.to_k.weight")]
+  if not attn:
+    raise ConversionError("cannot infer the UNet config: no cross-attention (attn2) weights")
+  linear = len(shape(attn[0].replace("transformer_blocks.0.attn2.to_k", "proj_in"))) == 2
+  cfg = dict(
+      in_channels=shape("conv_in.weight")[1], block_out_channels=channels,
+      layers_per_block=layers, cross_attention_dim=shape(attn[0])[1],
+      use_linear_projection=linear,
+      attention_head_dim=[c // 64 for c in channels] if linear else 8,
+      down_block_types=["CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cross])
+  if controlnet:
+    hint = sorted({int(m.group(1)) for k in sd
+                   if (m := re.match(r"controlnet_cond_embedding\.blocks\.(\d+)\.", k))})
+    cfg.update(conditioning_channels=shape("controlnet_cond_embedding.conv_in.weight")[1],
+               conditioning_embedding_out_channels=[
+                   shape("controlnet_cond_embedding.conv_in.weight")[0],
+                   *(shape(f"controlnet_cond_embedding.blocks.{i}.weight")[0]
+                     for i in hint if i % 2)])
+  else:
+    cfg.update(out_channels=shape("conv_out.weight")[0],
+               up_block_types=["CrossAttnUpBlock2D" if c else "UpBlock2D" for c in cross[::-1]])
+  return cfg
+
+
+def infer_vae_config(sd: StateDict) -> dict[str, Any]:
+  """A diffusers AutoencoderKL config for a VAE state_dict with diffusers names."""
+  def shape(key: str) -> tuple[int, ...]:
+    if key not in sd:
+      raise ConversionError(f"cannot infer the VAE config: key {key!r} is missing")
+    return tuple(sd[key].shape)
+
+  levels = sorted({int(m.group(1)) for k in sd
+                   if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k))})
+  layers = 1 + max(int(m.group(1)) for k in sd
+                   if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k)))
+  return dict(in_channels=shape("encoder.conv_in.weight")[1],
+              out_channels=shape("decoder.conv_out.weight")[0],
+              block_out_channels=[shape(f"encoder.down_blocks.{i}.resnets.0.conv1.weight")[0]
+                                  for i in levels],
+              down_block_types=["DownEncoderBlock2D"] * len(levels),
+              up_block_types=["UpDecoderBlock2D"] * len(levels), layers_per_block=layers,
+              latent_channels=shape("decoder.conv_in.weight")[1])
+
+
+_LDM = {
+    "UNet2DConditionModel": (LDM_UNET, ldm_unet_to_diffusers, infer_unet_config),
+    "AutoencoderKL": (LDM_VAE, ldm_vae_to_diffusers, infer_vae_config),
+    "ControlNetModel": (LDM_CONTROLNET, ldm_unet_to_diffusers,
+                        lambda sd: infer_unet_config(sd, controlnet=True)),
+}
+
+
+__all__ = ["ConversionError", "infer_unet_config", "infer_vae_config", "ldm_unet_to_diffusers",
+           "ldm_vae_to_diffusers", "load_controlnet", "load_unet", "load_vae", "read_model",
            "sd_rules"]
