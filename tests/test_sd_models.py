@@ -321,7 +321,7 @@ def _swap(rest: str, table: dict) -> str:
   return f"{table.get(head, head)}.{tail}"
 
 
-def _unet_to_ldm(sd: dict, layers: int) -> dict:
+def _unet_to_ldm(sd: dict, layers: int, prefix: str = "model.diffusion_model.") -> dict:
   """diffusers UNet keys -> LDM keys (the inverse of spec §3.7's table, written for this test and
   checked against diffusers' own `convert_ldm_unet_checkpoint`)."""
   import re
@@ -355,7 +355,7 @@ def _unet_to_ldm(sd: dict, layers: int) -> dict:
       new = f"output_blocks.{b * (layers + 1) + layers}.{j}.conv.{m.group(2)}"
     else:
       raise AssertionError(f"no LDM name for {k}")
-    out["model.diffusion_model." + new] = v
+    out[prefix + new] = v
   return out
 
 
@@ -429,3 +429,45 @@ def test_single_file_ldm_checkpoint_converts_to_the_same_parameters(tmp_path):
     for k in want:
       np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
     assert single.config == load(tmp_path / folder).config
+
+
+def test_single_file_ldm_controlnet_converts_to_the_same_parameters(tmp_path):
+  import re
+
+  import torch
+  from diffusers import ControlNetModel
+  from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+  from safetensors.torch import save_file
+
+  from uir_jax.convert.common import flat_params
+  from uir_jax.convert.sd import load_controlnet
+
+  cn = _perturb(ControlNetModel.from_unet(_torch_unet(LDM_UNET)), 5)  # SD's (16, 32, 96, 256)
+  cn.save_pretrained(tmp_path / "controlnet")
+  csd = cn.state_dict()
+  ldm = _unet_to_ldm({k: v for k, v in csd.items() if not k.startswith("controlnet_")}, 1,
+                     "control_model.")
+  for k, v in csd.items():
+    if m := re.fullmatch(r"controlnet_cond_embedding\.(conv_in|conv_out|blocks\.(\d+))\.(.+)", k):
+      i = 0 if m.group(1) == "conv_in" else 14 if m.group(1) == "conv_out" else \
+          2 * int(m.group(2)) + 2
+      ldm[f"control_model.input_hint_block.{i}.{m.group(3)}"] = v
+    elif m := re.fullmatch(r"controlnet_down_blocks\.(\d+)\.(.+)", k):
+      ldm[f"control_model.zero_convs.{m.group(1)}.0.{m.group(2)}"] = v
+    elif m := re.fullmatch(r"controlnet_mid_block\.(.+)", k):
+      ldm[f"control_model.middle_block_out.0.{m.group(1)}"] = v
+  back = convert_controlnet_checkpoint(ldm, dict(cn.config))
+  assert back.keys() == csd.keys() and all(torch.equal(back[k], csd[k]) for k in csd)
+  save_file({k: v.contiguous() for k, v in ldm.items()}, str(tmp_path / "cn.safetensors"))
+  # Standalone ControlNet files also come without the prefix (e.g. thibaud/controlnet-sd21).
+  save_file({k[len("control_model."):]: v.contiguous() for k, v in ldm.items()},
+            str(tmp_path / "bare.safetensors"))
+  want_model = load_controlnet(tmp_path / "controlnet")
+  want = flat_params(nnx_state(want_model))
+  for name in ("cn.safetensors", "bare.safetensors"):
+    single = load_controlnet(tmp_path / name)
+    got = flat_params(nnx_state(single))
+    assert got.keys() == want.keys(), name
+    for k in want:
+      np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+    assert single.config == want_model.config, name

@@ -152,6 +152,8 @@ def read_model(path: str | os.PathLike, cls: str, subfolder: str, *,
     raise FileNotFoundError(f"{cls}: no such folder or file: {path}")
   sd = dict(_unwrap(_read_weights(weights)))
   prefix, rename, infer = _LDM[cls]
+  if cls == "ControlNetModel" and "input_hint_block.0.weight" in sd:
+    sd = {prefix + k: v for k, v in sd.items()}  # a standalone LDM ControlNet file, no prefix
   if any(k.startswith(prefix) for k in sd):
     sd = rename(ldm_sections(sd, prefix))
     config = dict(config) if config is not None else infer(sd)
