@@ -232,6 +232,89 @@ def load_controlnet(path: str | os.PathLike, *, config: Mapping[str, Any] | None
                sd, weights, "ControlNetModel")
 
 
+
+# ----------------------------------------------------------------------------------------------
+# Text encoder (HF CLIPTextModel layout, as diffusers pipelines store it in text_encoder/).
+# ----------------------------------------------------------------------------------------------
+
+
+def text_encoder_rules() -> list[Rule]:
+  """HF `CLIPTextModel` keys -> `CLIPTextTower` paths (with or without the `text_model.`
+  prefix: transformers 5 writes the keys without it, SD folders written by 4.x have it)."""
+  t = r"(?:text_model\.)?"
+  e, r = t + r"encoder\.layers\.(?P<i>\d+)\.", r"transformer.resblocks.\g<i>."
+  return [
+      Rule(t + r"embeddings\.token_embedding\.weight", "token_embedding.embedding"),
+      Rule(t + r"embeddings\.position_embedding\.weight", "positional_embedding"),
+      Rule(t + r"final_layer_norm\.weight", "ln_final.scale"),
+      Rule(t + r"final_layer_norm\.bias", "ln_final.bias"),
+      Rule(e + r"self_attn\.(?P<p>[qkv]_proj|out_proj)\.weight", r + r"attn.\g<p>.kernel", linear),
+      Rule(e + r"self_attn\.(?P<p>[qkv]_proj|out_proj)\.bias", r + r"attn.\g<p>.bias"),
+      Rule(e + r"layer_norm(?P<n>[12])\.weight", r + r"ln_\g<n>.scale"),
+      Rule(e + r"layer_norm(?P<n>[12])\.bias", r + r"ln_\g<n>.bias"),
+      Rule(e + r"mlp\.fc1\.weight", r + "mlp.c_fc.kernel", linear),
+      Rule(e + r"mlp\.fc1\.bias", r + "mlp.c_fc.bias"),
+      Rule(e + r"mlp\.fc2\.weight", r + "mlp.c_proj.kernel", linear),
+      Rule(e + r"mlp\.fc2\.bias", r + "mlp.c_proj.bias"),
+  ]
+
+
+def text_encoder_config(cfg: Mapping[str, Any]) -> Any:
+  """A `CLIPTextTower` config from a transformers `CLIPTextConfig` dict (text_encoder/)."""
+  from uir_jax.models.clip import text_config
+
+  arch = cfg.get("architectures") or ["CLIPTextModel"]
+  if cfg.get("model_type", "clip_text_model") != "clip_text_model" or \
+      arch[0] not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+    raise ConversionError(f"not a CLIPTextModel config: model_type={cfg.get('model_type')!r}, "
+                          f"architectures={arch!r}")
+  act = cfg.get("hidden_act", "quick_gelu")
+  if act not in ("quick_gelu", "gelu"):
+    raise ConversionError(f"CLIPTextModel config key hidden_act={act!r} is not supported")
+  return text_config(int(cfg["hidden_size"]), int(cfg["num_hidden_layers"]),
+                     int(cfg["num_attention_heads"]), int(cfg["intermediate_size"]),
+                     vocab_size=int(cfg.get("vocab_size", 49408)),
+                     context_length=int(cfg.get("max_position_embeddings", 77)), act=act,
+                     ln_eps=float(cfg.get("layer_norm_eps", 1e-5)))
+
+
+def load_text_encoder(path: str | os.PathLike, *, dtype=jnp.float32) -> Any:
+  """A `CLIPTextTower` from a transformers `CLIPTextModel` folder (a diffusers pipeline's
+  `text_encoder/`: config.json + model.safetensors or pytorch_model.bin), or a pipeline folder.
+
+  SD 1.x: ViT-L/14, 12 layers, quick_gelu; SD 2.x: OpenCLIP ViT-H/14's first 23 layers, gelu (its
+  output is the penultimate layer through the final LayerNorm). A `text_projection` (the
+  WithProjection variant) and the legacy `position_ids` buffer are ignored.
+  """
+  from uir_jax.models.clip import CLIPTextTower
+
+  folder = os.fspath(path)
+  if not os.path.isfile(os.path.join(folder, "config.json")) \
+      and os.path.isfile(os.path.join(folder, "text_encoder", "config.json")):
+    folder = os.path.join(folder, "text_encoder")
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"CLIPTextModel: no such folder: {folder}")
+  cfg_path = os.path.join(folder, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise FileNotFoundError(f"CLIPTextModel: no config.json in {folder}")
+  with open(cfg_path) as f:
+    tcfg = text_encoder_config(json.load(f))
+  for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json"):
+    weights = os.path.join(folder, name)
+    if os.path.isfile(weights):
+      break
+  else:
+    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
+  sd = _read_weights(weights)
+  abstract = nnx.eval_shape(lambda: CLIPTextTower(tcfg, rngs=nnx.Rngs(0), dtype=dtype))
+  flat = convert(sd, text_encoder_rules(), param_shapes(abstract),
+                 ignore=(r"(?:text_model\.)?embeddings\.position_ids", r"text_projection\.weight"),
+                 what=f"CLIPTextModel weights {weights}")
+  assign(abstract, flat)
+  return abstract
+
+
 # ----------------------------------------------------------------------------------------------
 # Single-file CompVis / LDM checkpoints (spec §3.7).
 # ----------------------------------------------------------------------------------------------
@@ -418,5 +501,6 @@ _LDM = {
 
 
 __all__ = ["ConversionError", "infer_unet_config", "infer_vae_config", "ldm_unet_to_diffusers",
-           "ldm_vae_to_diffusers", "load_controlnet", "load_unet", "load_vae", "read_model",
+           "ldm_vae_to_diffusers", "load_controlnet", "load_text_encoder", "load_unet", "load_vae",
+           "read_model", "text_encoder_rules",
            "sd_rules"]
