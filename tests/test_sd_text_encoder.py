@@ -64,6 +64,34 @@ def test_text_encoder_matches_transformers(tmp_path, rng, style):
     assert float(np.abs(np.asarray(a) - b).max()) <= 1e-5 * float(np.abs(b).max()), i
 
 
+def test_token_embeddings_replace_the_given_positions(tmp_path, rng):
+  import torch
+
+  from uir_jax.convert.sd import load_text_encoder
+
+  ref = _tiny(tmp_path, "sd2")
+  ours = load_text_encoder(tmp_path / "text_encoder")
+  ids = np.zeros((2, 77), np.int64)
+  ids[:, 0], ids[:, 1:5], ids[:, 5] = 49406, rng.integers(300, 40000, (2, 4)), 49407
+  pos = np.array([[2, 3], [4, 1]])
+  vec = rng.standard_normal((2, 2, 64)).astype(np.float32)
+
+  def inject(module, inputs, output):  # the oracle: transformers with its embedding output edited
+    output = output.clone()
+    for b in range(2):
+      output[b, torch.from_numpy(pos[b])] = torch.from_numpy(vec[b])
+    return output
+
+  hook = ref.get_input_embeddings().register_forward_hook(inject)
+  with torch.no_grad():
+    want = ref(torch.from_numpy(ids)).last_hidden_state.numpy()
+  hook.remove()
+  got = np.asarray(ours(jnp.asarray(ids), token_embeddings=(jnp.asarray(pos), jnp.asarray(vec))))
+  assert float(np.abs(got - want).max()) <= 1e-5 * float(np.abs(want).max())
+  plain = np.asarray(ours(jnp.asarray(ids)))
+  assert float(np.abs(plain - want).max()) > 1e-2  # the injection changed the states
+
+
 def test_text_encoder_bad_input(tmp_path):
   from safetensors.numpy import load_file, save_file
 

@@ -321,18 +321,28 @@ class CLIPTextTower(nnx.Module):
                                    dtype=dtype)
     self.ln_final = LayerNorm(w, config.ln_eps, rngs=rngs)
 
-  def __call__(self, ids: Array, *, output_hidden_states: bool = False
+  def __call__(self, ids: Array, *, output_hidden_states: bool = False,
+               token_embeddings: tuple[Array, Array] | None = None
                ) -> Array | tuple[Array, list[Array]]:
     """ids int [B, L <= context_length] -> `ln_final` of the last block's output [B, L, W]
     (float32): HF `CLIPTextModel(...).last_hidden_state`, the SD text conditioning.
 
     With `output_hidden_states`, also HF's `hidden_states`: the embeddings, then the stream
     after every block (without `ln_final`; SD's "clip skip" applies it to one of them).
+    `token_embeddings=(positions int [B, K], vectors [B, K, W])` replaces the token embeddings at
+    those positions before the position embeddings are added (TextualDegRemoval's pseudo-words).
     """
     if ids.ndim != 2 or ids.shape[1] > self.config.context_length:
       raise ValueError(f"expected token ids [B, <={self.config.context_length}], got {ids.shape}")
     ids = ids.astype(jnp.int32)
     x = self.token_embedding(ids).astype(self.dtype)
+    if token_embeddings is not None:
+      pos, vec = token_embeddings
+      b, k = pos.shape
+      if vec.shape != (b, k, x.shape[-1]) or b != ids.shape[0]:
+        raise ValueError(f"token_embeddings: positions [B, K] and vectors [B, K, "
+                         f"{x.shape[-1]}] with B={ids.shape[0]}, got {pos.shape}, {vec.shape}")
+      x = x.at[jnp.arange(b)[:, None], pos].set(vec.astype(x.dtype))
     x = x + self.positional_embedding[: ids.shape[1]].astype(self.dtype)
     h, hiddens = self.transformer(x, causal=True, output_hiddens=True)
     out = self.ln_final(h).astype(jnp.float32)
