@@ -471,3 +471,21 @@ def test_single_file_ldm_controlnet_converts_to_the_same_parameters(tmp_path):
     for k in want:
       np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
     assert single.config == want_model.config, name
+
+
+def test_repo_id_is_found_in_the_local_hf_cache(saved_unet, tmp_path, monkeypatch):
+  import shutil
+
+  import huggingface_hub.constants
+
+  from uir_jax.convert.sd import load_unet
+
+  repo = tmp_path / "hub" / "models--someone--tiny-sd"
+  shutil.copytree(saved_unet, repo / "snapshots" / ("a" * 40) / "unet")
+  (repo / "refs").mkdir()
+  (repo / "refs" / "main").write_text("a" * 40)
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  assert load_unet("someone/tiny-sd").config.block_out_channels == (32, 64)
+  with pytest.raises(FileNotFoundError, match="not-cached/model.*nothing is downloaded"):
+    load_unet("not-cached/model")

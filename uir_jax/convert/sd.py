@@ -7,7 +7,8 @@
 
 A folder is a diffusers model folder (`config.json` + `diffusion_pytorch_model.safetensors`, or
 `.bin`, or a sharded `.safetensors.index.json`); a pipeline folder is also accepted and its `unet/`,
-`vae/` or `controlnet/` sub-folder used. `.safetensors` are read without torch; `.bin` through
+`vae/` or `controlnet/` sub-folder used; a Hugging Face repo id is found in the local
+Hugging Face cache (offline). `.safetensors` are read without torch; `.bin` through
 `convert.common.read_state_dict` (torch). The config's `_class_name` must be the expected one, and
 every architecture setting we do not implement is refused by name (SDXL, unCLIP, ...).
 
@@ -127,6 +128,24 @@ def _unwrap(sd: Mapping[str, Any]) -> Mapping[str, Any]:
   return inner if isinstance(inner, Mapping) else sd
 
 
+def resolve(path: str | os.PathLike) -> str:
+  """A local path as given; a Hugging Face repo id ("stabilityai/stable-diffusion-2-1-base") that
+  is not a local path -> its snapshot folder in the local Hugging Face cache (offline: nothing is
+  ever downloaded)."""
+  p = os.fspath(path)
+  if os.path.exists(p) or not re.fullmatch(r"[\w.-]+/[\w.-]+", p):
+    return p
+  try:
+    from huggingface_hub import snapshot_download
+  except ImportError:  # pragma: no cover - huggingface_hub comes with the [test] extra
+    return p
+  try:
+    return snapshot_download(p, local_files_only=True)
+  except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError) or not a repo id
+    raise FileNotFoundError(f"{p}: no such folder or file, and no such model in the local "
+                            "Hugging Face cache (nothing is downloaded)") from None
+
+
 def read_model(path: str | os.PathLike, cls: str, subfolder: str, *,
                config: Mapping[str, Any] | None = None, variant: str | None = None
                ) -> tuple[dict[str, Any], dict[str, Any], str]:
@@ -139,7 +158,7 @@ def read_model(path: str | os.PathLike, cls: str, subfolder: str, *,
   diffusers weights file (its config `config` or the `config.json` beside it). The config's
   `_class_name` must be `cls`.
   """
-  path = os.fspath(path)
+  path = resolve(path)
   if os.path.isdir(path):
     folder = path
     if not os.path.isfile(os.path.join(folder, "config.json")) \
@@ -288,7 +307,7 @@ def load_text_encoder(path: str | os.PathLike, *, dtype=jnp.float32) -> Any:
   """
   from uir_jax.models.clip import CLIPTextTower
 
-  folder = os.fspath(path)
+  folder = resolve(path)
   if not os.path.isfile(os.path.join(folder, "config.json")) \
       and os.path.isfile(os.path.join(folder, "text_encoder", "config.json")):
     folder = os.path.join(folder, "text_encoder")
@@ -502,5 +521,5 @@ _LDM = {
 
 __all__ = ["ConversionError", "infer_unet_config", "infer_vae_config", "ldm_unet_to_diffusers",
            "ldm_vae_to_diffusers", "load_controlnet", "load_text_encoder", "load_unet", "load_vae",
-           "read_model", "text_encoder_rules",
+           "read_model", "resolve", "text_encoder_rules",
            "sd_rules"]
