@@ -88,6 +88,20 @@ def vp_posterior_coefficients(alpha_t, alpha_s):
   return a * var_s / denom, alpha_s * (1.0 - a**2) / denom, (1.0 - a**2) * var_s / denom
 
 
+def ddim_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, eta):
+  """DDIM's step from t to s (σ_s < σ_t) as (coef_t, coef_0, var) for `posterior_step`.
+
+  x_s = α_s ŷ_0 + sqrt(σ_s² − v) ε̂ + sqrt(v) z with ε̂ = (x_t − α_t ŷ_0)/σ_t and v = η² times the
+  posterior variance σ_{t|s}² σ_s²/σ_t² (σ_{t|s}² = σ_t² − (α_t/α_s)² σ_s²), so coef_t =
+  sqrt(σ_s² − v)/σ_t, coef_0 = α_s − α_t coef_t. η = 0: the ODE (order-1 `multistep_coefficients`);
+  η = 1: exactly `posterior_coefficients`. Numpy float64 recommended (host-side tables).
+  """
+  a = alpha_t / alpha_s
+  var = eta**2 * (sigma_t**2 - a * a * sigma_s**2) * sigma_s**2 / sigma_t**2
+  coef_t = np.sqrt(np.maximum(sigma_s**2 - var, 0.0)) / sigma_t
+  return coef_t, alpha_s - alpha_t * coef_t, var
+
+
 def posterior_step(key: Array, x: Array, x0: Array, coefs: tuple, *, offset: Array | None = None,
                    min_var: float = 0.0, scale: float = 1.0) -> Array:
   """One ancestral step x_s ~ q(x_s | x_t = x, x_0 = x0), x and x0 [B, ...].
@@ -122,7 +136,8 @@ def _points(alphas: np.ndarray, sigmas: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def multistep_coefficients(alphas: np.ndarray, sigmas: np.ndarray, order: int,
-                           stochastic: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                           stochastic: bool, orders: np.ndarray | None = None
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Per-step coefficients of the multistep exponential integrator along a trajectory.
 
   The probability-flow ODE (η = 0) and the reverse SDE (η = 1) of the process, written for the
@@ -143,6 +158,8 @@ def multistep_coefficients(alphas: np.ndarray, sigmas: np.ndarray, order: int,
       followed by the point the last step lands on.
     order: polynomial order (1 = DDIM / posterior, 2, 3).
     stochastic: False for the ODE (η = 0), True for the SDE (η = 1).
+    orders: optional int [n], a cap on each step's order (diffusers' DPM-Solver++ and UniPC
+      drop to first order at the last one or two steps: "lower_order_final").
 
   Returns:
     float64 (coef_x [n], coef_d [n, order], std [n]); step i maps y at point i to
@@ -152,6 +169,8 @@ def multistep_coefficients(alphas: np.ndarray, sigmas: np.ndarray, order: int,
   if order < 1:
     raise ValueError(f"order must be >= 1, got {order}")
   n = len(alphas) - 1
+  if orders is not None and np.shape(orders) != (n,):
+    raise ValueError(f"orders must have one entry per step ({n}), got shape {np.shape(orders)}")
   ell = log_snr(alphas, sigmas)
   coef_x, coef_d, std = np.zeros(n), np.zeros((n, order)), np.zeros(n)
   eta = 1.0 if stochastic else 0.0
@@ -164,6 +183,8 @@ def multistep_coefficients(alphas: np.ndarray, sigmas: np.ndarray, order: int,
     coef_x[i] = sigmas[i + 1] / sigmas[i] * math.exp(-eta * h)
     std[i] = sigmas[i + 1] * math.sqrt(-math.expm1(-2.0 * eta * h))
     k = min(order, i + 1)  # lower order until enough calls have been made
+    if orders is not None:
+      k = max(1, min(k, int(orders[i])))
     nodes = np.array([ell[i - j] - ell[i] for j in range(k)])  # u_0 = 0, then < 0
     # ∫_0^h c e^{−c(h−u)} u^p du for p = 0, 1, 2 (integration by parts: I_p = h^p − p I_{p−1}/c).
     moments = [-math.expm1(-c * h)]
@@ -242,10 +263,12 @@ class MultistepSolver:
   prediction: str = "eps"
   clip: tuple[float, float] | None = None
 
-  def inputs(self, alphas: np.ndarray, sigmas: np.ndarray) -> tuple:
-    """Per-step inputs from α, σ at the n evaluation points followed by the end point."""
+  def inputs(self, alphas: np.ndarray, sigmas: np.ndarray,
+             orders: np.ndarray | None = None) -> tuple:
+    """Per-step inputs from α, σ at the n evaluation points followed by the end point
+    (`orders`: optional per-step caps on the order, see `multistep_coefficients`)."""
     alphas, sigmas = _points(alphas, sigmas)
-    cx, cd, sd = multistep_coefficients(alphas, sigmas, self.order, self.stochastic)
+    cx, cd, sd = multistep_coefficients(alphas, sigmas, self.order, self.stochastic, orders)
     f32 = lambda a: jnp.asarray(a, jnp.float32)
     # The ODE draws no noise at all (None is an empty pytree leaf in the scan).
     return (f32(alphas[:-1]), f32(sigmas[:-1]), f32(cx), f32(cd),
@@ -290,3 +313,44 @@ class PosteriorSolver:
     alpha_t, sigma_t, *coefs = inputs
     x0 = _clip(_x0(out, x, alpha_t, sigma_t, self.prediction, offset), self.clip)
     return posterior_step(key, x, x0, coefs, offset=offset, min_var=self.min_var), state
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIMSolver:
+  """DDIM with η (`ddim_coefficients` + `posterior_step`) as a `sample_loop` solver.
+
+  Each step has its own end point (diffusers' DDIM steps from t to t − T/n whatever the spacing,
+  so the end point need not be the next evaluation point). `prediction`, `clip` and the optional
+  offset in `solver_args` as for `MultistepSolver`; η = 0 draws no noise.
+  """
+
+  eta: float = 0.0
+  prediction: str = "eps"
+  clip: tuple[float, float] | None = None
+
+  def inputs(self, alphas: np.ndarray, sigmas: np.ndarray, alphas_to: np.ndarray,
+             sigmas_to: np.ndarray) -> tuple:
+    """Per-step inputs (α_t, σ_t, coef_t, coef_0, var) from α, σ [n] at the evaluation points
+    and at each step's end point [n]."""
+    arrs = [np.asarray(a, np.float64) for a in (alphas, sigmas, alphas_to, sigmas_to)]
+    if any(a.ndim != 1 or a.shape != arrs[0].shape for a in arrs) or not len(arrs[0]):
+      raise ValueError(f"DDIM tables must be 1-D of one nonzero length, got shapes "
+                       f"{[a.shape for a in arrs]}")
+    coefs = ddim_coefficients(*arrs, self.eta)
+    var = None if self.eta == 0 else coefs[2]
+    return tuple(None if a is None else jnp.asarray(a, jnp.float32)
+                 for a in (arrs[0], arrs[1], coefs[0], coefs[1], var))
+
+  def init(self, x: Array) -> None:
+    return None
+
+  def step(self, key: Array, x: Array, state: None, out: Array, t: Array, inputs: tuple,
+           offset: Array | None = None) -> tuple[Array, None]:
+    del t  # the coefficients carry the step's position
+    alpha_t, sigma_t, coef_t, coef_0, var = inputs
+    x0 = _clip(_x0(out, x, alpha_t, sigma_t, self.prediction, offset), self.clip)
+    if var is None:  # the ODE: no noise drawn
+      mean = coef_t * x + coef_0 * x0 if offset is None else (
+          offset + coef_t * (x - offset) + coef_0 * (x0 - offset))
+      return mean, state
+    return posterior_step(key, x, x0, (coef_t, coef_0, var), offset=offset), state
