@@ -109,15 +109,21 @@ def _step_noises(key, n, shape):
 @pytest.mark.parametrize("sampler,eta,prediction,n", [
     ("ddim", 0.0, "epsilon", 10), ("ddim", 0.7, "epsilon", 10), ("ddim", 0.0, "v_prediction", 10),
     ("dpm++2m", 0.0, "epsilon", 10), ("dpm++2m", 0.0, "v_prediction", 10),
-    ("dpm++2m", 0.0, "epsilon", 20)])
+    ("dpm++2m", 0.0, "epsilon", 20), ("dpm++2m-sigma_min", 0.0, "epsilon", 10),
+    ("dpm++2m-sigma_min", 0.0, "epsilon", 20)])
 def test_loop_equals_diffusers_loop(sampler, eta, prediction, n):
-  """A 10-step run (and DPM++ at 20, past diffusers' lower_order_final threshold of 15)."""
+  """A 10-step run (DPM++ also at 20, past diffusers' lower_order_final threshold of 15, and
+  with final_sigmas_type "sigma_min", where the last step is a real second-order step)."""
   torch = pytest.importorskip("torch")
   x_T = np.asarray(jax.random.normal(jax.random.key(0), SHAPE, jnp.float32))
   key = jax.random.key(1)
   proc = VPProcess.from_config({**SD_CONFIG, "prediction_type": prediction})
-  ours, _ = proc.sample(_model_jax, jnp.asarray(x_T), key, n, sampler=sampler, eta=eta)
-  ref = _diffusers(sampler, prediction_type=prediction)
+  final = "sigma_min" if sampler.endswith("sigma_min") else "zero"
+  sampler = sampler.split("-")[0]
+  ours, _ = proc.sample(_model_jax, jnp.asarray(x_T), key, n, sampler=sampler, eta=eta,
+                        final_sigmas_type=final)
+  extra = dict(final_sigmas_type=final) if sampler == "dpm++2m" else {}
+  ref = _diffusers(sampler, prediction_type=prediction, **extra)
   noises = _step_noises(key, n, SHAPE) if eta else None
   kw = dict(eta=eta) if sampler == "ddim" else {}
   with torch.no_grad():

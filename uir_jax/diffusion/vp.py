@@ -176,7 +176,7 @@ class VPProcess:
     (wrap a U-Net in `adapters.ClassifierFreeGuidance` for guidance: model_args = (cond,
     uncond, scale)). "ddim" takes `eta`; "dpm++2m" follows DPMSolverMultistepScheduler
     (algorithm_type dpmsolver++, solver_order 2): first order at the first step and, with
-    `lower_order_final` or a zero final sigma, at the last step (diffusers' "lower_order_second"
+    `lower_order_final`, at the last step below 15 steps or onto σ = 0 (diffusers' "lower_order_second"
     below 15 steps caps order 3 at 2, so it does not apply to order 2).
     """
     if sampler == "ddim":
@@ -186,8 +186,8 @@ class VPProcess:
     elif sampler == "dpm++2m":
       ts, alphas, sigmas = self.multistep_points(num_steps, sampler, final_sigmas_type)
       orders = np.full(num_steps, 2)
-      if lower_order_final or final_sigmas_type == "zero":
-        orders[-1] = 1
+      if lower_order_final and (num_steps < 15 or final_sigmas_type == "zero"):
+        orders[-1] = 1  # (a step to σ = 0 is first order anyway: it returns x̂_0)
       solver = solvers.MultistepSolver(order=2, stochastic=False, prediction=self.prediction)
       inputs = solver.inputs(alphas, sigmas, orders=orders)
     else:
