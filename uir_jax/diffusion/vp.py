@@ -176,8 +176,8 @@ class VPProcess:
     (wrap a U-Net in `adapters.ClassifierFreeGuidance` for guidance: model_args = (cond,
     uncond, scale)). "ddim" takes `eta`; "dpm++2m" follows DPMSolverMultistepScheduler
     (algorithm_type dpmsolver++, solver_order 2): first order at the first step and, with
-    `lower_order_final`, at the last step below 15 steps or onto σ = 0 (diffusers' "lower_order_second"
-    below 15 steps caps order 3 at 2, so it does not apply to order 2).
+    `lower_order_final`, at the last step below 15 steps or onto σ = 0 (diffusers'
+    "lower_order_second" below 15 steps caps order 3 at 2: no effect at order 2).
     """
     if sampler == "ddim":
       ts, points = self.ddim_points(num_steps)
