@@ -110,7 +110,8 @@ def _step_noises(key, n, shape):
     ("ddim", 0.0, "epsilon", 10), ("ddim", 0.7, "epsilon", 10), ("ddim", 0.0, "v_prediction", 10),
     ("dpm++2m", 0.0, "epsilon", 10), ("dpm++2m", 0.0, "v_prediction", 10),
     ("dpm++2m", 0.0, "epsilon", 20), ("dpm++2m-sigma_min", 0.0, "epsilon", 10),
-    ("dpm++2m-sigma_min", 0.0, "epsilon", 20)])
+    ("dpm++2m-sigma_min", 0.0, "epsilon", 20), ("unipc", 0.0, "epsilon", 10),
+    ("unipc", 0.0, "v_prediction", 10), ("unipc", 0.0, "epsilon", 20)])
 def test_loop_equals_diffusers_loop(sampler, eta, prediction, n):
   """A 10-step run (DPM++ also at 20, past diffusers' lower_order_final threshold of 15, and
   with final_sigmas_type "sigma_min", where the last step is a real second-order step)."""

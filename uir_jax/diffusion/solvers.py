@@ -354,3 +354,130 @@ class DDIMSolver:
           offset + coef_t * (x - offset) + coef_0 * (x0 - offset))
       return mean, state
     return posterior_step(key, x, x0, (coef_t, coef_0, var), offset=offset), state
+
+
+# ------------------------------------------------------------------------------------------------
+# UniPC (Zhao et al. 2023): a multistep predictor (UniP) with a corrector (UniC) in data prediction.
+# ------------------------------------------------------------------------------------------------
+
+
+def _unipc_weights(h: float, rks: np.ndarray, variant: str, corrector: bool
+                   ) -> tuple[float, float, np.ndarray]:
+  """(h φ_1, B(h), ρ) of one UniPC step in data prediction, as the paper's B(h) variants.
+
+  rks: [k − 1] (λ_{s_j} − λ_{s_0})/h of the earlier outputs. The predictor's ρ [k − 1] (1/2 at
+  order 2; else R[:-1, :-1] ρ = b[:-1]); the corrector's ρ [k] (1/2 at order 1, else R ρ = b),
+  R[p, j] = r_j^p over r = (rks, 1), b_p = h φ_{p+1}(h) (p + 1)! / B(h) with hh = −h.
+  """
+  hh = -h
+  h_phi_1 = math.expm1(hh)
+  b_h = h_phi_1 if variant == "bh2" else hh
+  k = len(rks) + 1
+  r = np.append(np.asarray(rks, np.float64), 1.0)
+  big_r = np.stack([r**p for p in range(k)])
+  b, h_phi_k, fact = [], h_phi_1 / hh - 1.0, 1.0
+  for p in range(1, k + 1):
+    b.append(h_phi_k * fact / b_h)
+    fact *= p + 1
+    h_phi_k = h_phi_k / hh - 1.0 / fact
+  b = np.asarray(b)
+  if corrector:
+    rho = np.array([0.5]) if k == 1 else np.linalg.solve(big_r, b)
+  else:
+    rho = np.zeros(0) if k == 1 else (np.array([0.5]) if k == 2 else
+                                      np.linalg.solve(big_r[:-1, :-1], b[:-1]))
+  return h_phi_1, b_h, rho
+
+
+def unipc_coefficients(alphas: np.ndarray, sigmas: np.ndarray, order: int = 2,
+                       variant: str = "bh2", lower_order_final: bool = True) -> dict:
+  """Per-step coefficients of UniPC (data prediction, `variant` "bh1" / "bh2") on a trajectory.
+
+  Step i (model output D_i at the predicted x_i, its point i) first corrects x_i with UniC of the
+  previous step's order from the corrected x_{i−1} and D_i, …, D_{i−k} (not at step 0), then
+  predicts x_{i+1} with UniP of order k_i = min(order, i + 1, n − i if lower_order_final):
+
+    x_i ← cself_i x_i + cprev_i x_{i−1} + Σ_j corr_i[j] D_{i−j}      (j = 0 … order)
+    x_{i+1} = pred_x_i x_i + Σ_j pred_i[j] D_{i−j}                    (j = 0 … order − 1)
+
+  A step onto σ = 0 is first order and returns D_i. Tables as `multistep_coefficients`.
+
+  Returns:
+    dict of float64 arrays: cself, cprev, pred_x [n]; corr [n, order + 1]; pred [n, order].
+  """
+  alphas, sigmas = _points(alphas, sigmas)
+  if variant not in ("bh1", "bh2"):
+    raise ValueError(f"unknown UniPC variant {variant!r}; expected 'bh1' or 'bh2'")
+  if order < 1:
+    raise ValueError(f"order must be >= 1, got {order}")
+  n = len(alphas) - 1
+  ell = log_snr(alphas, sigmas)
+  orders = [min(order, i + 1, n - i if lower_order_final else order) for i in range(n)]
+  orders = [1 if sigmas[i + 1] == 0 else k for i, k in enumerate(orders)]
+  out = dict(cself=np.zeros(n), cprev=np.zeros(n), pred_x=np.zeros(n),
+             corr=np.zeros((n, order + 1)), pred=np.zeros((n, order)))
+  for i in range(n):
+    # Corrector: from point i − 1 to i, with the previous predictor's order.
+    if i == 0:
+      out["cself"][i] = 1.0
+    else:
+      k, s = orders[i - 1], i - 1
+      h = ell[i] - ell[s]
+      rks = np.array([(ell[s - j] - ell[s]) / h for j in range(1, k)])
+      h_phi_1, b_h, rho = _unipc_weights(h, rks, variant, corrector=True)
+      a = alphas[i]
+      out["cprev"][i] = sigmas[i] / sigmas[s]
+      out["corr"][i, 0] = -a * b_h * rho[-1]
+      out["corr"][i, 1] = -a * h_phi_1 + a * b_h * (np.sum(rho[:-1] / rks) + rho[-1])
+      for j in range(1, k):
+        out["corr"][i, 1 + j] = -a * b_h * rho[j - 1] / rks[j - 1]
+    # Predictor: from point i to i + 1.
+    if sigmas[i + 1] == 0:
+      out["pred"][i, 0] = 1.0  # the clean end: x = D_i
+      continue
+    k = orders[i]
+    h = ell[i + 1] - ell[i]
+    rks = np.array([(ell[i - j] - ell[i]) / h for j in range(1, k)])
+    h_phi_1, b_h, rho = _unipc_weights(h, rks, variant, corrector=False)
+    a = alphas[i + 1]
+    out["pred_x"][i] = sigmas[i + 1] / sigmas[i]
+    out["pred"][i, 0] = -a * h_phi_1 + a * b_h * np.sum(rho / rks) if k > 1 else -a * h_phi_1
+    for j in range(1, k):
+      out["pred"][i, j] = -a * b_h * rho[j - 1] / rks[j - 1]
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class UniPCSolver:
+  """UniPC (`unipc_coefficients`) as a `sample_loop` solver; carries the corrected previous
+  state and the last `order` data predictions. `prediction`, `clip` as for `MultistepSolver`."""
+
+  order: int = 2
+  variant: str = "bh2"
+  lower_order_final: bool = True
+  prediction: str = "eps"
+  clip: tuple[float, float] | None = None
+
+  def inputs(self, alphas: np.ndarray, sigmas: np.ndarray) -> tuple:
+    """Per-step inputs from α, σ at the n evaluation points followed by the end point."""
+    alphas, sigmas = _points(alphas, sigmas)
+    c = unipc_coefficients(alphas, sigmas, self.order, self.variant, self.lower_order_final)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    return (f32(alphas[:-1]), f32(sigmas[:-1]), f32(c["cself"]), f32(c["cprev"]),
+            f32(c["corr"]), f32(c["pred_x"]), f32(c["pred"]))
+
+  def init(self, x: Array) -> tuple[Array, Array]:
+    return jnp.zeros_like(x), jnp.zeros((self.order,) + x.shape, x.dtype)
+
+  def step(self, key: Array, x: Array, state: tuple, out: Array, t: Array, inputs: tuple,
+           offset: Array | None = None) -> tuple[Array, tuple]:
+    del key, t  # deterministic; the coefficients carry the step's position
+    if offset is not None:
+      raise ValueError("UniPCSolver supports offset-free processes only")
+    alpha, sigma, cself, cprev, corr, pred_x, pred = inputs
+    x_prev, hist = state
+    x0 = _clip(_x0(out, x, alpha, sigma, self.prediction, None), self.clip)
+    stack = jnp.concatenate([x0[None], hist], axis=0)  # [order + 1, B, ...], newest first
+    x = cself * x + cprev * x_prev + jnp.tensordot(corr.astype(x.dtype), stack, axes=1)
+    x_next = pred_x * x + jnp.tensordot(pred.astype(x.dtype), stack[:-1], axes=1)
+    return x_next, (x, stack[:-1])

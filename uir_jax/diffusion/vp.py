@@ -10,6 +10,7 @@ differently), and `sample` runs
 
   "ddim"     DDIM with η (η = 0: the ODE; η = 1: the ancestral posterior step), `solvers.DDIMSolver`
   "dpm++2m"  DPM-Solver++(2M) with lower-order final steps, `solvers.MultistepSolver(order=2)`
+  "unipc"    UniPC (bh2, order 2, predictor-corrector, lower-order final), `solvers.UniPCSolver`
 
 in the one jitted loop (`diffusion.loop.sample_loop`) around any model function, e.g. a
 `diffusion.adapters.ClassifierFreeGuidance` of a U-Net. Tables are float64 on the host; diffusers
@@ -33,7 +34,7 @@ from uir_jax.diffusion.loop import sample_loop
 Array = jax.Array
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
-SAMPLERS = ("ddim", "dpm++2m")
+SAMPLERS = ("ddim", "dpm++2m", "unipc")
 # diffusers' `prediction_type` names → `diffusion.adapters.PREDICTIONS`.
 PREDICTION_NAMES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0",
                     "eps": "eps", "v": "v", "x0": "x0"}
@@ -177,7 +178,8 @@ class VPProcess:
     uncond, scale)). "ddim" takes `eta`; "dpm++2m" follows DPMSolverMultistepScheduler
     (algorithm_type dpmsolver++, solver_order 2): first order at the first step and, with
     `lower_order_final`, at the last step below 15 steps or onto σ = 0 (diffusers'
-    "lower_order_second" below 15 steps caps order 3 at 2: no effect at order 2).
+    "lower_order_second" below 15 steps caps order 3 at 2: no effect at order 2). "unipc" follows
+    UniPCMultistepScheduler's defaults (bh2, order 2, predict_x0, lower_order_final).
     """
     if sampler == "ddim":
       ts, points = self.ddim_points(num_steps)
@@ -190,6 +192,13 @@ class VPProcess:
         orders[-1] = 1  # (a step to σ = 0 is first order anyway: it returns x̂_0)
       solver = solvers.MultistepSolver(order=2, stochastic=False, prediction=self.prediction)
       inputs = solver.inputs(alphas, sigmas, orders=orders)
+    elif sampler == "unipc":
+      if final_sigmas_type != "zero":
+        raise ValueError("unipc: only final_sigmas_type 'zero' (diffusers' default) is supported")
+      ts, alphas, sigmas = self.multistep_points(num_steps, sampler, final_sigmas_type)
+      solver = solvers.UniPCSolver(order=2, variant="bh2", lower_order_final=lower_order_final,
+                                   prediction=self.prediction)
+      inputs = solver.inputs(alphas, sigmas)
     else:
       raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     return sample_loop(solver, model_fn, x_T, key, jax.numpy.asarray(ts, jax.numpy.int32),
