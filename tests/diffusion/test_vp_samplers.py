@@ -245,22 +245,65 @@ def _dpm_affine(n):
   return x
 
 
+def _unipc_affine(n):
+  """UniPC (bh2, order 2, lower-order final)'s output as (a, c), from the paper's / diffusers'
+  step: UniC (order of the previous UniP) on the new output, then UniP; order 2's weights
+  solved by hand (predictor ρ = 1/2; corrector R ρ = b by Cramer's rule)."""
+  abar_all = _abar_spec()
+  ts = np.linspace(0, 999, n + 1).round()[::-1][:-1].astype(int)
+  ab = np.append(abar_all[ts], 1.0)
+  al, sg = np.sqrt(ab), np.sqrt(1 - ab)
+  with np.errstate(divide="ignore"):
+    lam = np.log(al) - np.log(sg)
+  lin = lambda *terms: tuple(sum(w * t[k] for w, t in terms) for k in range(2))
+  x, x_last, ms, last_order = (np.ones(4), np.zeros(4)), None, [], 0
+  for i in range(n):
+    m = _x0_affine(ab[i], x)
+    if i > 0:  # corrector from point i − 1 to i
+      h = lam[i] - lam[i - 1]
+      hp1 = math.expm1(-h)
+      b1 = (hp1 / -h - 1) / hp1
+      if last_order == 1:
+        terms = [(sg[i] / sg[i - 1], x_last), (-al[i] * hp1, ms[-1]),
+                 (-al[i] * hp1 * 0.5, m), (al[i] * hp1 * 0.5, ms[-1])]
+      else:
+        r1 = (lam[i - 2] - lam[i - 1]) / h
+        b2 = ((hp1 / -h - 1) / -h - 0.5) * 2 / hp1
+        det = r1 - 1.0  # R = [[1, 1], [r1, 1]]
+        rho0, rho1 = (b2 - b1) / det, (r1 * b1 - b2) / det
+        terms = [(sg[i] / sg[i - 1], x_last), (-al[i] * hp1, ms[-1]),
+                 (-al[i] * hp1 * rho0 / r1, ms[-2]), (al[i] * hp1 * rho0 / r1, ms[-1]),
+                 (-al[i] * hp1 * rho1, m), (al[i] * hp1 * rho1, ms[-1])]
+      x = lin(*terms)
+    ms.append(m)
+    order = min(2, n - i, i + 1)
+    x_last, last_order = x, order
+    if sg[i + 1] == 0:
+      x = m
+      continue
+    h = lam[i + 1] - lam[i]
+    hp1 = math.expm1(-h)
+    terms = [(sg[i + 1] / sg[i], x), (-al[i + 1] * hp1, m)]
+    if order == 2:
+      r1 = (lam[i - 1] - lam[i]) / h
+      terms += [(-al[i + 1] * hp1 * 0.5 / r1, ms[-2]), (al[i + 1] * hp1 * 0.5 / r1, m)]
+    x = lin(*terms)
+  return x
+
+
 @pytest.fixture(scope="module")
 def x_T():
   return jax.random.normal(jax.random.key(7), GSHAPE, jnp.float32)
 
 
 @pytest.mark.parametrize("sampler,n", [("ddim", 10), ("ddim", 50), ("dpm++2m", 10),
-                                       ("dpm++2m", 20)])
+                                       ("dpm++2m", 20), ("unipc", 10), ("unipc", 20)])
 def test_deterministic_samplers_are_the_exact_affine_map(x_T, sampler, n):
   """With the exact ε̂ the output is a x_T + c per channel (a, c from the published step
   formulas), pointwise to float32: the output law N(c, a²) is the sampler's exact law."""
   args = (jnp.asarray(M, jnp.float32), jnp.asarray(S, jnp.float32))
   out, _ = SD.sample(_gauss_eps, x_T, jax.random.key(0), n, sampler=sampler, model_args=args)
-  if sampler == "ddim":
-    a, c = _ddim_affine(n)
-  else:
-    a, c = _dpm_affine(n)
+  a, c = {"ddim": _ddim_affine, "dpm++2m": _dpm_affine, "unipc": _unipc_affine}[sampler](n)
   expect = a * np.asarray(x_T, np.float64) + c
   np.testing.assert_allclose(np.asarray(out), expect, atol=2e-5 * (1 + np.abs(expect).max()))
 
