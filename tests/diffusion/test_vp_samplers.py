@@ -342,3 +342,8 @@ def test_bad_arguments():
     SD.sample(_gauss_eps, jnp.zeros((1, 2, 2, 4)), jax.random.key(0), 4, sampler="euler")
   with pytest.raises(ValueError, match="num_steps"):
     SD.timesteps(0)
+  with pytest.raises(ValueError, match="final_sigmas_type"):
+    SD.sample(_gauss_eps, jnp.zeros((1, 2, 2, 4)), jax.random.key(0), 4, sampler="unipc",
+              final_sigmas_type="sigma_min")
+  with pytest.raises(ValueError, match="trained_betas"):
+    VPProcess.from_config({**SD_CONFIG, "trained_betas": [0.1, 0.2]})
