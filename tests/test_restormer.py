@@ -19,7 +19,7 @@ from uir_jax.models.layers import pixel_shuffle, pixel_unshuffle, resize_bilinea
 from uir_jax.models.promptir import PromptIR
 from uir_jax.models.restormer import RESTORMER_VARIANTS, Restormer
 
-TINY = dict(dim=8, num_blocks=(1, 2, 1, 1), num_refinement_blocks=1, heads=(1, 2, 4, 4))
+TINY = dict(dim=8, num_blocks=(1, 2, 1, 1), num_refinement_blocks=1, heads=(1, 2, 4, 8))
 TINY_PROMPTS = dict(prompt_dims=(8, 16, 24), prompt_sizes=(12, 6, 5), prompt_len=3)
 
 
