@@ -1,0 +1,1 @@
+"""One folder per method built on the core layers (see DESIGN.md)."""
