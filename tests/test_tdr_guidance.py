@@ -88,3 +88,19 @@ def test_guided_nafnet_non_square_photo_b8():
   buggy = _torch_model(fix_b8=False)
   with pytest.raises((IndexError, RuntimeError)), torch.no_grad():
     buggy(_nchw(lq), _nchw(ref))
+
+
+def test_any_photo_size_and_small_guidance_blocks_fit():
+  """A 100 x 200 photo (one block row after padding to 128 x 256) and a 300 x 200 guidance: the
+  code's guidance block (d_y = 37 cells + 2) would not fit in the 24-cell map and its indices
+  would wrap around; ours shrinks it to fit and runs on any size."""
+  from uir_jax.systems.textual_deg_removal.guided_nafnet import GuidedNAFNet
+
+  g = geometry((128, 256), (384, 256))
+  assert (g.py, g.px, g.d_y, g.d_x) == (1, 2, 21, 13)
+  net = GuidedNAFNet(**TINY, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(3)
+  lq = jnp.asarray(rng.uniform(size=(1, 100, 200, 3)), jnp.float32)
+  out = _call(*nnx.split(net), lq, jnp.asarray(rng.uniform(size=(1, 300, 200, 3)), jnp.float32))
+  assert out.shape == lq.shape and bool(jnp.all(jnp.isfinite(out)))
+  assert geometry((128, 128), (128, 128)).d_y == 5  # the smallest guidance map (8 cells)
