@@ -163,7 +163,7 @@ def coarse_search(blocks: Array, f5_ref: Array, g: Geometry,
   return jnp.argmax(corr, axis=-1)
 
 
-def _block_origin(index: Array, size: int, d: int, side: int) -> Array:
+def _block_origin(index: Array, d: int, side: int) -> Array:
   """Top-left cell of the (d + 2)-cell guidance block centred on `index`, kept in the map."""
   return jnp.clip(index - d // 2 - 1, 0, side - d - 2)
 
@@ -231,8 +231,8 @@ def match_and_transfer(feat_lq: list[Array], feat_ref: list[Array], g: Geometry,
   hr = f5_ref.shape[1]
   lq_blocks = _lq_blocks(f5, g)
   index = jax.lax.stop_gradient(coarse_search(lq_blocks, f5_ref, g, dilations))  # [N, P]
-  y0 = _block_origin(index // wr, hr, g.d_y, hr)
-  x0 = _block_origin(index % wr, wr, g.d_x, wr)
+  y0 = _block_origin(index // wr, g.d_y, hr)
+  x0 = _block_origin(index % wr, g.d_x, wr)
   blocks = {s: _ref_blocks(feat_ref[LEVELS - 1 - lvl], y0, x0, g, s)
             for lvl, s in enumerate((1, 2, 4, 8, 16))}
   fine_index, soft_att = fine_search(lq_blocks, blocks[1])
