@@ -1,5 +1,5 @@
 """TextualDegRemoval's guided NAFNet: parity with our PyTorch reference of the official
-`NAFNetRefFusion` (`tests/torch_tdr.py`, B6 fixed; B8 fixed or not), through the converter."""
+`NAFNetRefFusion` (`tests/helpers/torch_tdr.py`, B6 fixed; B8 fixed or not), through the converter."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from uir_jax.convert.tdr import load_guided_nafnet
+from uir_jax.systems.textual_deg_removal.convert import load_guided_nafnet
 from uir_jax.systems.textual_deg_removal.guidance import geometry
 
 TINY = dict(width=4, nf=4, enc_blk_nums=(1, 1, 1, 1), dec_blk_nums=(1, 1, 1, 1), middle_blk_num=1,
