@@ -1,4 +1,4 @@
-"""Restormer and PromptIR: parity with our PyTorch references (`tests/torch_restormer.py`, written
+"""Restormer and PromptIR: parity with our PyTorch references (`tests/helpers/torch_restormer.py`, written
 from swz30/Restormer and va1shn9v/PromptIR) through the converters, and the converters' checks."""
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """TextualDegRemoval's guided NAFNet: parity with our PyTorch reference of the official
-`NAFNetRefFusion` (`tests/helpers/torch_tdr.py`, B6 fixed; B8 fixed or not), through the converter."""
+`NAFNetRefFusion` (`tests/helpers/torch_tdr.py`, B6 fixed; B8 fixed or not), through the
+converter."""
 
 from __future__ import annotations
 
