@@ -1,5 +1,6 @@
-"""Restormer and PromptIR: parity with our PyTorch references 
-(`tests/helpers/torch_restormer.py`, written from swz30/Restormer and va1shn9v/PromptIR) through the converters, and the converters' checks."""
+"""Restormer and PromptIR: parity with our PyTorch references (`tests/helpers/
+torch_restormer.py`, written from swz30/Restormer and va1shn9v/PromptIR) through the converters,
+and the converters' checks."""
 
 from __future__ import annotations
 
