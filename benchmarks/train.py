@@ -13,6 +13,7 @@ devices); its data-wait share in real runs is printed by the trainer (`data N%`)
 
   python benchmarks/train.py                                     # the issue's settings
   python benchmarks/train.py --batch 2 --size 64 --models nafnet --dtypes float32 --steps 2   # CPU
+  python benchmarks/train.py --variant tiny --daclip tiny --batch 2 --size 32 --steps 1  # seconds
 """
 
 from __future__ import annotations
@@ -49,14 +50,13 @@ def peak_flops(dtype: str) -> tuple[float | None, str | None]:
 
 
 def _config(model: str, args, dtype: str):
-  if model == "unet":
-    c = irsde_daclip_universal.get_config()
-  else:
-    c = nafnet_daclip.get_config()
+  module = irsde_daclip_universal if model == "unet" else nafnet_daclip
+  c = module.get_config(args.variant)
   with c.unlocked():
     c.batch_size, c.dtype, c.data.patch_size = args.batch, dtype, args.size
     c.daclip.checkpoint = f"random:{args.daclip}"
     c.model.context_dim = get_config(args.daclip).embed_dim
+    c.data.clip_size = get_config(args.daclip).image_size
   return c
 
 
@@ -71,11 +71,11 @@ def bench(model: str, dtype: str, layout: str, args) -> None:
   step = parallel.make_step(loop.make_train_step(graphdef, stage, config.ema_decay), "jit", mesh,
                             shardings, aux_sh)
   r = np.random.default_rng(0)
-  b, s = args.batch, args.size
+  b, s, cs = args.batch, args.size, config.data.clip_size
   host = {"lq": r.uniform(0, 1, (b, s, s, 3)).astype(np.float32),
           "gt": r.uniform(0, 1, (b, s, s, 3)).astype(np.float32),
           "index": np.arange(b, dtype=np.int32),
-          "clip_lq": r.normal(0, 1, (b, 224, 224, 3)).astype(np.float32)}
+          "clip_lq": r.normal(0, 1, (b, cs, cs, 3)).astype(np.float32)}
   batch = parallel.host_to_global({k: host[k] for k in stage.batch_keys}, mesh)
   key = loop.step_key(0)
   t0 = time.perf_counter()
@@ -96,7 +96,8 @@ def bench(model: str, dtype: str, layout: str, args) -> None:
   total_flops = flops * (mesh.size if flops else 0)
   mfu = (total_flops / sec) / (peak * mesh.size) if peak and flops else None
   emit(name=f"train_step/{model}+daclip", device=device_name(), devices=mesh.size,
-       layout=layout, shape=[b, s, s, 3], dtype=dtype, value=round(b / sec, 2),
+       variant=args.variant or "released", daclip=args.daclip, layout=layout,
+       shape=[b, s, s, 3], dtype=dtype, value=round(b / sec, 2),
        unit="images/s", step_ms=round(1e3 * sec, 2), compile_s=round(compile_s, 1),
        tflops_per_step=round(total_flops / 1e12, 4), mfu=None if mfu is None else round(mfu, 4),
        peak=peak_name, loss=float(np.asarray(m["loss"])), **memory(compiled))
@@ -111,6 +112,8 @@ def main():
   p.add_argument("--size", type=int, default=256)
   p.add_argument("--daclip", default="ViT-B-32", help="CLIP config of the random frozen DA-CLIP")
   p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--variant", default=None,
+                 help="config variant (tiny: the CPU test models; default: the released sizes)")
   args = p.parse_args()
   for model in args.models.split(","):
     for dtype in args.dtypes.split(","):

@@ -13,6 +13,7 @@ weights) on the default JAX device:
 
   python benchmarks/unet.py                                   # issue defaults: batch 16, 256^2
   python benchmarks/unet.py --batch 2 --size 128 --steps 10 --dtypes float32   # quick, on a CPU
+  python benchmarks/unet.py --only restore --steps 100 10   # restore times at 100 and 10 calls
   python benchmarks/unet.py --only large --large 1024
   python benchmarks/unet.py --only large --large 2048 --tile 512 --large-compile-only
 
@@ -38,8 +39,7 @@ from uir_jax.models.unet import ConditionalUNet
 
 def bench_forward_and_train(args, dtype: str):
   dev = device_name()
-  model = ConditionalUNet(rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype),
-                          attention_impl=args.attention)
+  model = _model(args, dtype)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   sde = IRSDE()
   b, s = args.batch, args.size
@@ -73,31 +73,37 @@ def bench_forward_and_train(args, dtype: str):
         compile_s=round(compile_s, 1), **memory(step), **base)
 
 
+def _model(args, dtype: str) -> ConditionalUNet:
+  """The released architecture unless --nf / --ch-mult shrink it (random weights)."""
+  return ConditionalUNet(nf=args.nf, ch_mult=args.ch_mult, rngs=nnx.Rngs(0),
+                         dtype=jnp.dtype(dtype), attention_impl=args.attention)
+
+
 def bench_restore(args, dtype: str):
-  model = ConditionalUNet(rngs=nnx.Rngs(0), dtype=jnp.dtype(dtype),
-                          attention_impl=args.attention)
+  model = _model(args, dtype)
   s = args.size
   lq = jax.random.uniform(jax.random.key(1), (1, s, s, 3))
   ctx = jax.random.normal(jax.random.key(2), (1, 512))
   eps_fn, eps_args = make_eps_fn(model, text_context=ctx, image_context=ctx)
   sde = IRSDE()
-  run = lambda seed: sde.sample(eps_fn, lq, jax.random.key(seed), "posterior", args.steps,
-                                eps_args=eps_args)
-  t0 = time.perf_counter()
-  jax.block_until_ready(run(0))
-  first = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  jax.block_until_ready(run(1))
-  sec = time.perf_counter() - t0
-  emit(name="unet/restore_one_image", value=round(sec, 3), unit="s", steps=args.steps,
-        compile_s=round(max(first - sec, 0.0), 1), device=device_name(), shape=[1, s, s, 3],
-        dtype=dtype, attention=args.attention)
+  for steps in args.steps:  # one compile per number of network calls (the scan's length)
+    run = lambda seed, steps=steps: sde.sample(eps_fn, lq, jax.random.key(seed), "posterior",
+                                               steps, eps_args=eps_args)
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(0))
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(1))
+    sec = time.perf_counter() - t0
+    emit(name="unet/restore_one_image", value=round(sec, 3), unit="s", steps=steps,
+         compile_s=round(max(first - sec, 0.0), 1), device=device_name(), shape=[1, s, s, 3],
+         dtype=dtype, attention=args.attention, nf=args.nf, ch_mult=list(args.ch_mult))
 
 
 def bench_large(args):
   n = args.large
   dtype = jnp.dtype(args.dtypes[0])
-  model = ConditionalUNet(rngs=nnx.Rngs(0), dtype=dtype, attention_impl=args.attention)
+  model = _model(args, dtype)
   graphdef, state = nnx.split(model)
   x = jax.random.uniform(jax.random.key(0), (1, n, n, 3))
   ctx = jax.random.normal(jax.random.key(1), (1, 512))
@@ -135,8 +141,12 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--size", type=int, default=256)
-  p.add_argument("--steps", type=int, default=100, help="posterior steps of the restore timing")
+  p.add_argument("--steps", type=int, nargs="+", default=[100],
+                 help="posterior steps (network calls) of the restore timing; several: one each")
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--nf", type=int, default=64, help="U-Net base width (released: 64)")
+  p.add_argument("--ch-mult", type=lambda v: tuple(int(m) for m in v.split(",")),
+                 default=(1, 2, 4, 8), help="U-Net level multipliers (released: 1,2,4,8)")
   p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
   p.add_argument("--attention", default="auto",
                  choices=["auto", "naive", "xla", "cudnn", "blockwise"])

@@ -3,6 +3,7 @@
 
   models/       imports only models/ (and the standard library / third-party packages)
   diffusion/    imports no models, systems or train
+  convert/      imports no system and no train (a system's own converter lives in the system)
   train/        the spine imports no system (trainers are named by module path, imported lazily)
   systems/<a>/  imports no other system (SD-based systems may import systems/sd)
   export/reader imports no flax and no model code, also through the uir_jax modules it imports
@@ -71,6 +72,9 @@ def _layer_violations(modules: dict[str, list[str]]) -> list[str]:
       elif (_under(module, "uir_jax.diffusion")
             and _under(imported, "uir_jax.models", "uir_jax.systems", "uir_jax.train")):
         bad = "diffusion imports no models, systems or train"
+      elif (_under(module, "uir_jax.convert")
+            and _under(imported, "uir_jax.systems", "uir_jax.train")):
+        bad = "convert imports no systems or train"
       elif _under(module, "uir_jax.train") and _under(imported, "uir_jax.systems"):
         bad = "the training spine imports no system"
       elif _under(module, "uir_jax.systems") and module.count(".") >= 2:
@@ -115,6 +119,7 @@ def test_the_checks_catch_forbidden_imports():
       "uir_jax.models.unet": "uir_jax.losses",
       "uir_jax.diffusion.tiling": "uir_jax.models.unet",
       "uir_jax.train.loop": "uir_jax.systems.daclip_uir.irsde",
+      "uir_jax.convert.nafnet": "uir_jax.systems.textual_deg_removal.guided_nafnet",
   }
   for module, imported in cases.items():
     broken = dict(modules, **{module: modules.get(module, []) + [imported]})

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# Each test runs uir-jax in several processes (JAX start-up and compilation in each).
+pytestmark = pytest.mark.slow
+
 
 def _save_tiny_torch_unet(path):
   """A random unconditional U-Net state_dict written by PyTorch (our spec-built reference)."""

@@ -10,6 +10,8 @@ from PIL import Image
 
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
+# A notebook in a fresh IPython kernel: imports, conversion and a restoration.
+pytestmark = pytest.mark.slow
 
 NOTEBOOKS = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "colabs")
 

@@ -1,7 +1,7 @@
 """diffusion.solvers and diffusion.loop: table-driven solvers serve IR-SDE and any other process.
 
-IR-SDE's own samplers are checked against exact Gaussian laws in tests/test_sde.py. Here: the
-solver, fed IR-SDE's tables (built from the spec's formulas, not the library's), gives
+IR-SDE's own samplers are checked against exact Gaussian laws in test_sde.py. Here: the solver,
+fed IR-SDE's tables (built from the spec's formulas, not the library's), gives
 `IRSDE.mr_coefficients`; the generic solvers in the generic loop reproduce `IRSDE.sample`; the
 posterior coefficients match their closed forms; and the package imports no model code.
 """
@@ -82,7 +82,7 @@ def test_posterior_coefficients_general_and_vp_forms_agree():
 
 
 def _gauss_model(m, sb):
-  """The exact ε̂ for x0 = μ + δ + s·N(0, 1) per channel (as tests/test_sde.py), loop signature."""
+  """The exact ε̂ for x0 = μ + δ + s·N(0, 1) per channel (as test_sde.py), loop signature."""
   m, sb = jnp.asarray(m, jnp.float32), jnp.asarray(sb, jnp.float32)
 
   def model_fn(x, t, mu, delta, s0):

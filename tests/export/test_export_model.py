@@ -214,6 +214,7 @@ def printed_words(stdout, name):
   return line.rsplit("degradation: ", 1)[1].split()[0]
 
 
+@pytest.mark.slow  # trains a tiny run, then restores in a process
 def test_training_run_exports_and_restores_without_torch(tmp_path, capsys):
   from safetensors.numpy import load_file
 

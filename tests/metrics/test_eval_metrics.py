@@ -155,6 +155,7 @@ def _eval_cli(*args):
                         capture_output=True, text=True, env=ENV, timeout=600)
 
 
+@pytest.mark.slow  # a uir-jax process
 def test_eval_command_scores_a_folder(test_set, tmp_path):
   restored = _restored_copy(test_set, tmp_path / "method")
   out = tmp_path / "out"
@@ -170,6 +171,7 @@ def test_eval_command_scores_a_folder(test_set, tmp_path):
   assert (out / "results.csv").read_text(encoding="utf-8").startswith("set,count,PSNR ↑")
 
 
+@pytest.mark.slow  # six uir-jax processes
 def test_eval_command_bad_input_gives_one_line(test_set, tmp_path):
   os.makedirs(tmp_path / "empty")
   (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")

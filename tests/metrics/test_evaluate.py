@@ -101,6 +101,7 @@ def test_read_rgb_converts_gray_rgba_and_16_bit(tmp_path):
     np.testing.assert_allclose(img, value, atol=1e-6)
 
 
+@pytest.mark.slow  # a uir-jax eval process that restores
 @pytest.mark.torch
 def test_eval_command_end_to_end(test_set, tmp_path):
   from tests.cli.test_cli import _save_tiny_torch_unet

@@ -222,6 +222,7 @@ def test_killed_and_stopped_runs_resume_bit_equal_to_an_uninterrupted_run(tmp_pa
 
 # ---- Non-finite loss ----------------------------------------------------------------------------
 
+@pytest.mark.slow  # trains a tiny run twice (~70 CPU-s)
 def test_non_finite_loss_stops_before_saving_and_the_run_resumes(tmp_path, one_device):
   config = nafnet_daclip.get_config("tiny")
   with config.unlocked():
@@ -308,6 +309,7 @@ def test_conditioned_model_overfits_a_batch_and_its_conditioning_gets_gradients(
     assert hits and max(hits) > 0, (part, sorted(norms)[:20])
 
 
+@pytest.mark.slow  # trains a tiny run (~50 CPU-s)
 @pytest.mark.torch
 def test_init_from_starts_from_the_files_parameters(tmp_path, one_device):
   import torch
@@ -414,6 +416,7 @@ def test_window_views_tile_the_lq_like_the_pipelines_crop_view_and_are_averaged(
   assert not np.allclose(np.asarray(degra[0]), np.asarray(degra[1]), atol=1e-3)
 
 
+@pytest.mark.slow  # two stages with DA-CLIP built and differentiated per case (~25 CPU-s)
 @pytest.mark.parametrize("config_module", [nafnet_daclip, irsde_daclip_universal],
                          ids=["nafnet", "irsde"])
 def test_daclip_windows_condition_the_restorer_on_the_lq_not_the_pipeline_view(config_module):

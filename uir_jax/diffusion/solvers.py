@@ -88,6 +88,20 @@ def vp_posterior_coefficients(alpha_t, alpha_s):
   return a * var_s / denom, alpha_s * (1.0 - a**2) / denom, (1.0 - a**2) * var_s / denom
 
 
+def ddim_coefficients(alpha_t, sigma_t, alpha_s, sigma_s, eta):
+  """DDIM's step from t to s (σ_s < σ_t) as (coef_t, coef_0, var) for `posterior_step`.
+
+  x_s = α_s ŷ_0 + sqrt(σ_s² − v) ε̂ + sqrt(v) z with ε̂ = (x_t − α_t ŷ_0)/σ_t and v = η² times the
+  posterior variance σ_{t|s}² σ_s²/σ_t² (σ_{t|s}² = σ_t² − (α_t/α_s)² σ_s²), so coef_t =
+  sqrt(σ_s² − v)/σ_t, coef_0 = α_s − α_t coef_t. η = 0: the ODE (order-1 `multistep_coefficients`);
+  η = 1: exactly `posterior_coefficients`. Numpy float64 recommended (host-side tables).
+  """
+  a = alpha_t / alpha_s
+  var = eta**2 * (sigma_t**2 - a * a * sigma_s**2) * sigma_s**2 / sigma_t**2
+  coef_t = np.sqrt(np.maximum(sigma_s**2 - var, 0.0)) / sigma_t
+  return coef_t, alpha_s - alpha_t * coef_t, var
+
+
 def posterior_step(key: Array, x: Array, x0: Array, coefs: tuple, *, offset: Array | None = None,
                    min_var: float = 0.0, scale: float = 1.0) -> Array:
   """One ancestral step x_s ~ q(x_s | x_t = x, x_0 = x0), x and x0 [B, ...].
@@ -122,7 +136,8 @@ def _points(alphas: np.ndarray, sigmas: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def multistep_coefficients(alphas: np.ndarray, sigmas: np.ndarray, order: int,
-                           stochastic: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                           stochastic: bool, orders: np.ndarray | None = None
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Per-step coefficients of the multistep exponential integrator along a trajectory.
 
   The probability-flow ODE (η = 0) and the reverse SDE (η = 1) of the process, written for the
@@ -143,6 +158,8 @@ def multistep_coefficients(alphas: np.ndarray, sigmas: np.ndarray, order: int,
       followed by the point the last step lands on.
     order: polynomial order (1 = DDIM / posterior, 2, 3).
     stochastic: False for the ODE (η = 0), True for the SDE (η = 1).
+    orders: optional int [n], a cap on each step's order (diffusers' DPM-Solver++ and UniPC
+      drop to first order at the last one or two steps: "lower_order_final").
 
   Returns:
     float64 (coef_x [n], coef_d [n, order], std [n]); step i maps y at point i to
@@ -152,6 +169,8 @@ def multistep_coefficients(alphas: np.ndarray, sigmas: np.ndarray, order: int,
   if order < 1:
     raise ValueError(f"order must be >= 1, got {order}")
   n = len(alphas) - 1
+  if orders is not None and np.shape(orders) != (n,):
+    raise ValueError(f"orders must have one entry per step ({n}), got shape {np.shape(orders)}")
   ell = log_snr(alphas, sigmas)
   coef_x, coef_d, std = np.zeros(n), np.zeros((n, order)), np.zeros(n)
   eta = 1.0 if stochastic else 0.0
@@ -164,6 +183,8 @@ def multistep_coefficients(alphas: np.ndarray, sigmas: np.ndarray, order: int,
     coef_x[i] = sigmas[i + 1] / sigmas[i] * math.exp(-eta * h)
     std[i] = sigmas[i + 1] * math.sqrt(-math.expm1(-2.0 * eta * h))
     k = min(order, i + 1)  # lower order until enough calls have been made
+    if orders is not None:
+      k = max(1, min(k, int(orders[i])))
     nodes = np.array([ell[i - j] - ell[i] for j in range(k)])  # u_0 = 0, then < 0
     # ∫_0^h c e^{−c(h−u)} u^p du for p = 0, 1, 2 (integration by parts: I_p = h^p − p I_{p−1}/c).
     moments = [-math.expm1(-c * h)]
@@ -242,10 +263,12 @@ class MultistepSolver:
   prediction: str = "eps"
   clip: tuple[float, float] | None = None
 
-  def inputs(self, alphas: np.ndarray, sigmas: np.ndarray) -> tuple:
-    """Per-step inputs from α, σ at the n evaluation points followed by the end point."""
+  def inputs(self, alphas: np.ndarray, sigmas: np.ndarray,
+             orders: np.ndarray | None = None) -> tuple:
+    """Per-step inputs from α, σ at the n evaluation points followed by the end point
+    (`orders`: optional per-step caps on the order, see `multistep_coefficients`)."""
     alphas, sigmas = _points(alphas, sigmas)
-    cx, cd, sd = multistep_coefficients(alphas, sigmas, self.order, self.stochastic)
+    cx, cd, sd = multistep_coefficients(alphas, sigmas, self.order, self.stochastic, orders)
     f32 = lambda a: jnp.asarray(a, jnp.float32)
     # The ODE draws no noise at all (None is an empty pytree leaf in the scan).
     return (f32(alphas[:-1]), f32(sigmas[:-1]), f32(cx), f32(cd),
@@ -290,3 +313,171 @@ class PosteriorSolver:
     alpha_t, sigma_t, *coefs = inputs
     x0 = _clip(_x0(out, x, alpha_t, sigma_t, self.prediction, offset), self.clip)
     return posterior_step(key, x, x0, coefs, offset=offset, min_var=self.min_var), state
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIMSolver:
+  """DDIM with η (`ddim_coefficients` + `posterior_step`) as a `sample_loop` solver.
+
+  Each step has its own end point (diffusers' DDIM steps from t to t − T/n whatever the spacing,
+  so the end point need not be the next evaluation point). `prediction`, `clip` and the optional
+  offset in `solver_args` as for `MultistepSolver`; η = 0 draws no noise.
+  """
+
+  eta: float = 0.0
+  prediction: str = "eps"
+  clip: tuple[float, float] | None = None
+
+  def inputs(self, alphas: np.ndarray, sigmas: np.ndarray, alphas_to: np.ndarray,
+             sigmas_to: np.ndarray) -> tuple:
+    """Per-step inputs (α_t, σ_t, coef_t, coef_0, var) from α, σ [n] at the evaluation points
+    and at each step's end point [n]."""
+    arrs = [np.asarray(a, np.float64) for a in (alphas, sigmas, alphas_to, sigmas_to)]
+    if any(a.ndim != 1 or a.shape != arrs[0].shape for a in arrs) or not len(arrs[0]):
+      raise ValueError(f"DDIM tables must be 1-D of one nonzero length, got shapes "
+                       f"{[a.shape for a in arrs]}")
+    coefs = ddim_coefficients(*arrs, self.eta)
+    var = None if self.eta == 0 else coefs[2]
+    return tuple(None if a is None else jnp.asarray(a, jnp.float32)
+                 for a in (arrs[0], arrs[1], coefs[0], coefs[1], var))
+
+  def init(self, x: Array) -> None:
+    return None
+
+  def step(self, key: Array, x: Array, state: None, out: Array, t: Array, inputs: tuple,
+           offset: Array | None = None) -> tuple[Array, None]:
+    del t  # the coefficients carry the step's position
+    alpha_t, sigma_t, coef_t, coef_0, var = inputs
+    x0 = _clip(_x0(out, x, alpha_t, sigma_t, self.prediction, offset), self.clip)
+    if var is None:  # the ODE: no noise drawn
+      mean = coef_t * x + coef_0 * x0 if offset is None else (
+          offset + coef_t * (x - offset) + coef_0 * (x0 - offset))
+      return mean, state
+    return posterior_step(key, x, x0, (coef_t, coef_0, var), offset=offset), state
+
+
+# ------------------------------------------------------------------------------------------------
+# UniPC (Zhao et al. 2023): a multistep predictor (UniP) with a corrector (UniC) in data prediction.
+# ------------------------------------------------------------------------------------------------
+
+
+def _unipc_weights(h: float, rks: np.ndarray, variant: str, corrector: bool
+                   ) -> tuple[float, float, np.ndarray]:
+  """(h φ_1, B(h), ρ) of one UniPC step in data prediction, as the paper's B(h) variants.
+
+  rks: [k − 1] (λ_{s_j} − λ_{s_0})/h of the earlier outputs. The predictor's ρ [k − 1] (1/2 at
+  order 2; else R[:-1, :-1] ρ = b[:-1]); the corrector's ρ [k] (1/2 at order 1, else R ρ = b),
+  R[p, j] = r_j^p over r = (rks, 1), b_p = h φ_{p+1}(h) (p + 1)! / B(h) with hh = −h.
+  """
+  hh = -h
+  h_phi_1 = math.expm1(hh)
+  b_h = h_phi_1 if variant == "bh2" else hh
+  k = len(rks) + 1
+  r = np.append(np.asarray(rks, np.float64), 1.0)
+  big_r = np.stack([r**p for p in range(k)])
+  b, h_phi_k, fact = [], h_phi_1 / hh - 1.0, 1.0
+  for p in range(1, k + 1):
+    b.append(h_phi_k * fact / b_h)
+    fact *= p + 1
+    h_phi_k = h_phi_k / hh - 1.0 / fact
+  b = np.asarray(b)
+  if corrector:
+    rho = np.array([0.5]) if k == 1 else np.linalg.solve(big_r, b)
+  else:
+    rho = np.zeros(0) if k == 1 else (np.array([0.5]) if k == 2 else
+                                      np.linalg.solve(big_r[:-1, :-1], b[:-1]))
+  return h_phi_1, b_h, rho
+
+
+def unipc_coefficients(alphas: np.ndarray, sigmas: np.ndarray, order: int = 2,
+                       variant: str = "bh2", lower_order_final: bool = True) -> dict:
+  """Per-step coefficients of UniPC (data prediction, `variant` "bh1" / "bh2") on a trajectory.
+
+  Step i (model output D_i at the predicted x_i, its point i) first corrects x_i with UniC of the
+  previous step's order from the corrected x_{i−1} and D_i, …, D_{i−k} (not at step 0), then
+  predicts x_{i+1} with UniP of order k_i = min(order, i + 1, n − i if lower_order_final):
+
+    x_i ← cself_i x_i + cprev_i x_{i−1} + Σ_j corr_i[j] D_{i−j}      (j = 0 … order)
+    x_{i+1} = pred_x_i x_i + Σ_j pred_i[j] D_{i−j}                    (j = 0 … order − 1)
+
+  A step onto σ = 0 is first order and returns D_i. Tables as `multistep_coefficients`.
+
+  Returns:
+    dict of float64 arrays: cself, cprev, pred_x [n]; corr [n, order + 1]; pred [n, order].
+  """
+  alphas, sigmas = _points(alphas, sigmas)
+  if variant not in ("bh1", "bh2"):
+    raise ValueError(f"unknown UniPC variant {variant!r}; expected 'bh1' or 'bh2'")
+  if order < 1:
+    raise ValueError(f"order must be >= 1, got {order}")
+  n = len(alphas) - 1
+  ell = log_snr(alphas, sigmas)
+  orders = [min(order, i + 1, n - i if lower_order_final else order) for i in range(n)]
+  orders = [1 if sigmas[i + 1] == 0 else k for i, k in enumerate(orders)]
+  out = dict(cself=np.zeros(n), cprev=np.zeros(n), pred_x=np.zeros(n),
+             corr=np.zeros((n, order + 1)), pred=np.zeros((n, order)))
+  for i in range(n):
+    # Corrector: from point i − 1 to i, with the previous predictor's order.
+    if i == 0:
+      out["cself"][i] = 1.0
+    else:
+      k, s = orders[i - 1], i - 1
+      h = ell[i] - ell[s]
+      rks = np.array([(ell[s - j] - ell[s]) / h for j in range(1, k)])
+      h_phi_1, b_h, rho = _unipc_weights(h, rks, variant, corrector=True)
+      a = alphas[i]
+      out["cprev"][i] = sigmas[i] / sigmas[s]
+      out["corr"][i, 0] = -a * b_h * rho[-1]
+      out["corr"][i, 1] = -a * h_phi_1 + a * b_h * (np.sum(rho[:-1] / rks) + rho[-1])
+      for j in range(1, k):
+        out["corr"][i, 1 + j] = -a * b_h * rho[j - 1] / rks[j - 1]
+    # Predictor: from point i to i + 1.
+    if sigmas[i + 1] == 0:
+      out["pred"][i, 0] = 1.0  # the clean end: x = D_i
+      continue
+    k = orders[i]
+    h = ell[i + 1] - ell[i]
+    rks = np.array([(ell[i - j] - ell[i]) / h for j in range(1, k)])
+    h_phi_1, b_h, rho = _unipc_weights(h, rks, variant, corrector=False)
+    a = alphas[i + 1]
+    out["pred_x"][i] = sigmas[i + 1] / sigmas[i]
+    out["pred"][i, 0] = -a * h_phi_1 + a * b_h * np.sum(rho / rks) if k > 1 else -a * h_phi_1
+    for j in range(1, k):
+      out["pred"][i, j] = -a * b_h * rho[j - 1] / rks[j - 1]
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class UniPCSolver:
+  """UniPC (`unipc_coefficients`) as a `sample_loop` solver; carries the corrected previous
+  state and the last `order` data predictions. `prediction`, `clip` as for `MultistepSolver`."""
+
+  order: int = 2
+  variant: str = "bh2"
+  lower_order_final: bool = True
+  prediction: str = "eps"
+  clip: tuple[float, float] | None = None
+
+  def inputs(self, alphas: np.ndarray, sigmas: np.ndarray) -> tuple:
+    """Per-step inputs from α, σ at the n evaluation points followed by the end point."""
+    alphas, sigmas = _points(alphas, sigmas)
+    c = unipc_coefficients(alphas, sigmas, self.order, self.variant, self.lower_order_final)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    return (f32(alphas[:-1]), f32(sigmas[:-1]), f32(c["cself"]), f32(c["cprev"]),
+            f32(c["corr"]), f32(c["pred_x"]), f32(c["pred"]))
+
+  def init(self, x: Array) -> tuple[Array, Array]:
+    return jnp.zeros_like(x), jnp.zeros((self.order,) + x.shape, x.dtype)
+
+  def step(self, key: Array, x: Array, state: tuple, out: Array, t: Array, inputs: tuple,
+           offset: Array | None = None) -> tuple[Array, tuple]:
+    del key, t  # deterministic; the coefficients carry the step's position
+    if offset is not None:
+      raise ValueError("UniPCSolver supports offset-free processes only")
+    alpha, sigma, cself, cprev, corr, pred_x, pred = inputs
+    x_prev, hist = state
+    x0 = _clip(_x0(out, x, alpha, sigma, self.prediction, None), self.clip)
+    stack = jnp.concatenate([x0[None], hist], axis=0)  # [order + 1, B, ...], newest first
+    x = cself * x + cprev * x_prev + jnp.tensordot(corr.astype(x.dtype), stack, axes=1)
+    x_next = pred_x * x + jnp.tensordot(pred.astype(x.dtype), stack[:-1], axes=1)
+    return x_next, (x, stack[:-1])

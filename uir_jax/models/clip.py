@@ -292,3 +292,72 @@ class CLIP(nnx.Module):
 def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
   """F.normalize: x / max(||x||, eps)."""
   return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Text-only tower (Stable Diffusion's text encoders).
+# ----------------------------------------------------------------------------------------------
+
+
+class CLIPTextTower(nnx.Module):
+  """The CLIP text transformer alone, as SD uses it: token states, not a pooled embedding.
+
+  The same modules as `CLIP`'s text half (`token_embedding`, `positional_embedding`,
+  `transformer.resblocks[i]`, `ln_final`; open_clip names), so both the HF `CLIPTextModel`
+  layout (SD 1.x's ViT-L/14; SD 2.x's OpenCLIP ViT-H/14 stored by diffusers as 23 layers) and
+  open_clip's convert into it (`uir_jax.convert.sd.load_text_encoder`).
+
+  `config` only needs the text fields; `text_config` builds one from the HF fields.
+  """
+
+  def __init__(self, config: CLIPConfig, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.config, self.dtype = config, dtype
+    w = config.text_width
+    self.token_embedding = nnx.Embed(config.vocab_size, w, dtype=dtype, param_dtype=jnp.float32,
+                                     embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+    self.positional_embedding = nnx.Param(
+        0.01 * jax.random.normal(rngs.params(), (config.context_length, w), jnp.float32))
+    self.transformer = Transformer(w, config.text_layers, config.text_heads, config, rngs=rngs,
+                                   dtype=dtype)
+    self.ln_final = LayerNorm(w, config.ln_eps, rngs=rngs)
+
+  def __call__(self, ids: Array, *, output_hidden_states: bool = False,
+               token_embeddings: tuple[Array, Array] | None = None
+               ) -> Array | tuple[Array, list[Array]]:
+    """ids int [B, L <= context_length] -> `ln_final` of the last block's output [B, L, W]
+    (float32): HF `CLIPTextModel(...).last_hidden_state`, the SD text conditioning.
+
+    With `output_hidden_states`, also HF's `hidden_states`: the embeddings, then the stream
+    after every block (without `ln_final`; SD's "clip skip" applies it to one of them).
+    `token_embeddings=(positions int [B, K], vectors [B, K, W])` replaces the token embeddings at
+    those positions before the position embeddings are added (TextualDegRemoval's pseudo-words).
+    """
+    if ids.ndim != 2 or ids.shape[1] > self.config.context_length:
+      raise ValueError(f"expected token ids [B, <={self.config.context_length}], got {ids.shape}")
+    ids = ids.astype(jnp.int32)
+    x = self.token_embedding(ids).astype(self.dtype)
+    if token_embeddings is not None:
+      pos, vec = token_embeddings
+      b, k = pos.shape
+      if vec.shape != (b, k, x.shape[-1]) or b != ids.shape[0]:
+        raise ValueError(f"token_embeddings: positions [B, K] and vectors [B, K, "
+                         f"{x.shape[-1]}] with B={ids.shape[0]}, got {pos.shape}, {vec.shape}")
+      x = x.at[jnp.arange(b)[:, None], pos].set(vec.astype(x.dtype))
+    x = x + self.positional_embedding[: ids.shape[1]].astype(self.dtype)
+    h, hiddens = self.transformer(x, causal=True, output_hiddens=True)
+    out = self.ln_final(h).astype(jnp.float32)
+    if output_hidden_states:
+      return out, [x.astype(jnp.float32)] + [t.astype(jnp.float32) for t in hiddens]
+    return out
+
+
+def text_config(width: int, layers: int, heads: int, mlp_dim: int, *, vocab_size: int = 49408,
+                context_length: int = 77, act: str = "quick_gelu",
+                ln_eps: float = 1e-5) -> CLIPConfig:
+  """A `CLIPConfig` for a `CLIPTextTower` (the vision fields are unused placeholders)."""
+  if int(width * (mlp_dim / width)) != mlp_dim:  # the blocks size their MLP by the ratio
+    raise ValueError(f"MLP width {mlp_dim} is not representable as {width} x a float ratio")
+  return CLIPConfig(embed_dim=width, image_size=1, patch_size=1, vision_width=heads,
+                    vision_layers=0, vision_heads=heads, text_width=width, text_layers=layers,
+                    text_heads=heads, context_length=context_length, vocab_size=vocab_size,
+                    mlp_ratio=mlp_dim / width, act=act, ln_eps=ln_eps)

@@ -226,3 +226,59 @@ class CrossAttention(nnx.Module):
     out = attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)),
                     impl=self.impl)
     return self.to_out(out.reshape(*x.shape[:2], self.heads * self.dim_head))
+
+
+# ----------------------------------------------------------------------------------------------
+# Resampling with PyTorch's exact semantics (NHWC).
+# ----------------------------------------------------------------------------------------------
+
+
+def pixel_shuffle(x: Array, r: int = 2) -> Array:
+  """nn.PixelShuffle(r) on NHWC: input channel c·r² + i·r + j -> output channel c at (row i,
+  column j) of each r x r cell. [B, H, W, C·r²] -> [B, H·r, W·r, C]."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h, w, c // (r * r), r, r)
+  return x.transpose(0, 1, 4, 2, 5, 3).reshape(b, h * r, w * r, c // (r * r))
+
+
+def pixel_unshuffle(x: Array, r: int = 2) -> Array:
+  """nn.PixelUnshuffle(r) on NHWC, the inverse of `pixel_shuffle`: [B, H, W, C] ->
+  [B, H/r, W/r, C·r²] with output channel c·r² + i·r + j = input channel c at cell offset (i, j)."""
+  b, h, w, c = x.shape
+  if h % r or w % r:
+    raise ValueError(f"pixel_unshuffle({r}) needs sides divisible by {r}, got {h}x{w}")
+  x = x.reshape(b, h // r, r, w // r, r, c)
+  return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, h // r, w // r, c * r * r)
+
+
+def _linear_taps(n_in: int, n_out: int):
+  """Source indices and weights of PyTorch's bilinear (align_corners=False) along one axis:
+  src = max((dst + 0.5)·n_in/n_out − 0.5, 0), taps floor(src) and the next one (clamped)."""
+  import numpy as np  # static geometry: computed once per shape in Python
+
+  scale = np.float32(n_in) / np.float32(n_out)
+  src = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale
+                   - np.float32(0.5), np.float32(0))
+  i0 = np.floor(src).astype(np.int32)
+  lam = np.clip(src - i0, 0, 1).astype(np.float32)
+  i1 = np.where(i0 < n_in - 1, i0 + 1, i0)
+  return i0, i1, lam
+
+
+def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
+  """F.interpolate(x, size, mode="bilinear", align_corners=False) on NHWC, exactly.
+
+  Unlike `jax.image.resize`, no antialiasing when shrinking (PyTorch's default), so weights
+  converted from PyTorch see the same values. [B, H, W, C] -> [B, size[0], size[1], C].
+  """
+  out = x
+  for axis, n_out in ((1, size[0]), (2, size[1])):
+    n_in = out.shape[axis]
+    if n_in == n_out:
+      continue
+    i0, i1, lam = _linear_taps(n_in, n_out)
+    shape = [1] * out.ndim
+    shape[axis] = n_out
+    lam = jnp.asarray(lam, jnp.float32).reshape(shape).astype(out.dtype)
+    out = jnp.take(out, i0, axis=axis) * (1 - lam) + jnp.take(out, i1, axis=axis) * lam
+  return out

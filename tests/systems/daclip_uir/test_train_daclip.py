@@ -39,6 +39,7 @@ def _initial(stage):
   return graphdef, dict(state, params=params, rest=rest)
 
 
+@pytest.mark.slow  # gradients on two 8-device meshes
 def test_sharded_contrastive_loss_and_gradients_equal_one_device():
   config = _tiny(same_text_positives=True, robust=True)
   with config.unlocked():
@@ -104,6 +105,7 @@ def test_same_text_positives_on_a_hand_made_batch():
   assert abs(float(got) - float(plain)) > 1e-3
 
 
+@pytest.mark.slow  # compiles and runs DA-CLIP training steps
 def test_frozen_clip_stays_frozen_and_the_exact_start_is_a_no_op():
   config = _tiny()
   with config.unlocked():

@@ -1,0 +1,1 @@
+"""TextualDegRemoval (Lin et al., CVPR 2024): guided restoration (the image half)."""
