@@ -5,6 +5,8 @@ last axis; FID is float64 where float32 is far off."""
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,3 +146,23 @@ def test_fid_is_float64_where_float32_is_far_off():
   np.testing.assert_allclose(frechet_distance(*feature_statistics(a), *feature_statistics(b)),
                              ref, rtol=1e-6)
 
+
+
+def test_every_library_module_imports_without_tensorflow_and_torch():
+  """README: `uir_jax/` never imports TensorFlow (accelerator images without it run inference),
+  and torch only inside the functions that read .pt/.bin files. Every module, imported in a
+  process where both imports fail."""
+  import subprocess
+  import sys
+
+  code = ("import sys, pkgutil, importlib\n"
+          "sys.modules['tensorflow'] = None; sys.modules['torch'] = None\n"
+          "import uir_jax\n"
+          "names = [m.name for m in pkgutil.walk_packages(uir_jax.__path__, 'uir_jax.')]\n"
+          "for n in names: importlib.import_module(n)\n"
+          "print(len(names))\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                        timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert int(proc.stdout.split()[-1]) > 30  # the walk found the package's modules
