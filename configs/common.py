@@ -141,9 +141,12 @@ def clip_config(arch: str, exact_noop_start: bool) -> ml_collections.ConfigDict:
                                         exact_noop_start=exact_noop_start))
 
 
-def daclip_loss_config(same_text_positives: bool, robust: bool) -> ml_collections.ConfigDict:
-  """DA-CLIP loss options (see uir_jax/systems/daclip_uir/daclip.py)."""
-  return ml_collections.ConfigDict(dict(same_text_positives=same_text_positives, robust=robust,
+def daclip_loss_config(robust: bool, distinct_texts: bool = False) -> ml_collections.ConfigDict:
+  """DA-CLIP loss options (see uir_jax/systems/daclip_uir/daclip.py): `distinct_texts` counts
+  each distinct degradation text of a batch once in the degradation term (False: the reference's
+  InfoNCE, a text repeated n_c times enters the softmax n_c times); `robust` adds the wild
+  paper's L1 term, weighted by `robust_weight`."""
+  return ml_collections.ConfigDict(dict(distinct_texts=distinct_texts, robust=robust,
                                         robust_weight=1.0))
 
 

@@ -4,7 +4,8 @@ A frozen LAION-2B ViT-B/32 CLIP with a trained controller, on DA-CLIP's captions
 ten-task universal set (`title` = "caption: degradation"); batch 784 per GPU x 4 = 3136, AdamW
 lr 3e-5, β (0.9, 0.98), eps 1e-6, weight decay 0.05 (matrices only), 100 warmup steps then cosine
 to 0, 50 epochs. Faithful to the reference: the reference's controller initialisation quirk, and
-duplicate degradation texts stay negatives (`contrastive.same_text_positives=False`).
+a degradation text repeated in a batch enters the softmax once per image
+(`contrastive.distinct_texts=False`).
 
   uir-jax train --config configs/daclip_vitb32.py --workdir runs/daclip \
       --config.data.csv_path=datasets/universal/daclip_train.csv \
@@ -26,7 +27,7 @@ def get_config(arg: str | None = None):
   c.data = common.data_config("csv", csv_path="datasets/universal/daclip_train.csv",
                               patch_size=224, clip_lq=True)
   c.clip = common.clip_config(arch="ViT-B-32", exact_noop_start=False)
-  c.contrastive = common.daclip_loss_config(same_text_positives=False, robust=False)
+  c.contrastive = common.daclip_loss_config(robust=False)
   c.optimizer = common.optimizer_config(lr=3e-5, end_lr=0.0, warmup_steps=100, b1=0.9, b2=0.98,
                                         eps=1e-6, weight_decay=0.05)
   c.eval = common.daclip_eval_config(DEGRADATION_WORDS)

@@ -5,8 +5,8 @@ from BLIP on the clean images, given here as a JSON {relative path: caption}), d
 fly by the wild chain; each image's degradation text combines the words of the degradations the
 chain applied; an L1 term pulls the LQ content embedding to the frozen CLIP's embedding of the
 clean image. The paper gives no optimizer settings: ours are DA-CLIP's (lr 3e-5, β (0.9, 0.98),
-eps 1e-6, wd 0.05, 100 warmup steps, cosine, 50 epochs) at batch 1024. New-config defaults:
-same-text positives and the exact no-op controller start.
+eps 1e-6, wd 0.05, 100 warmup steps, cosine, 50 epochs) at batch 1024. New-config default:
+the exact no-op controller start (`contrastive.distinct_texts` stays off: the reference's loss).
 
   uir-jax train --config configs/daclip_vitl14_wild.py --workdir runs/wild-daclip \
       --config.data.root=datasets/lsdir/train/GT_sharp --config.data.captions=lsdir_captions.json \
@@ -36,7 +36,7 @@ def get_config(arg: str | None = None):
                               captions="datasets/lsdir/captions.json", chain="wild",
                               clip_lq=True, clip_gt=True)
   c.clip = common.clip_config(arch="ViT-L-14", exact_noop_start=True)
-  c.contrastive = common.daclip_loss_config(same_text_positives=True, robust=True)
+  c.contrastive = common.daclip_loss_config(robust=True)
   c.optimizer = common.optimizer_config(lr=3e-5, end_lr=0.0, warmup_steps=100, b1=0.9, b2=0.98,
                                         eps=1e-6, weight_decay=0.05)
   c.eval = common.daclip_eval_config(WILD_VOCABULARY)

@@ -44,7 +44,7 @@ def get_config(arg: str | None = None):
                                eval_augment=True)
   s1.clip = common.clip_config(arch="tiny-p4", exact_noop_start=True)
   s1.clip.checkpoint = "random:tiny-p4"
-  s1.contrastive = common.daclip_loss_config(same_text_positives=True, robust=False)
+  s1.contrastive = common.daclip_loss_config(robust=False)
   s1.optimizer = common.optimizer_config(lr=2e-3, end_lr=1e-5, warmup_steps=10, b1=0.9, b2=0.98,
                                          eps=1e-6, weight_decay=0.05)
   s1.eval = common.daclip_eval_config(names)

@@ -30,21 +30,40 @@ def _gather(x: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
   return full, offset
 
 
-def clip_loss(image_features: jax.Array, text_features: jax.Array, logit_scale: jax.Array, *,
-              axis_name: str | None = None, groups: jax.Array | None = None) -> jax.Array:
-  """Symmetric CLIP InfoNCE: (CE(s I T^T, targets) + CE(s T I^T, targets)) / 2, s = exp(scale).
+def _first_occurrence(ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """For ids [N]: `same` [N, N] (equal ids) and `first` [N] (no earlier equal id), static shapes."""
+  same = ids[:, None] == ids[None, :]
+  n = ids.shape[0]
+  earlier = jnp.arange(n)[None, :] < jnp.arange(n)[:, None]
+  return same, ~jnp.any(same & earlier, axis=1)
+
+
+def contrastive_directions(image_features: jax.Array, text_features: jax.Array,
+                           logit_scale: jax.Array, *, axis_name: str | None = None,
+                           text_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """The two InfoNCE directions (image->text, text->image), each averaged over its rows.
+
+  Without `text_ids`: the reference's one-hot InfoNCE over the N pairs (column i is row i's
+  positive), duplicates of a text included: a text present n_c times enters each image's softmax
+  n_c times, so with identical texts (identical features) each image's term is the cross-entropy
+  over the distinct texts of logits shifted by log n_c, plus log n_g of its own text g; it cannot
+  fall below log n_g.
+
+  With `text_ids` (int [B], equal for equal texts, hence equal text features): the loss over the
+  batch's distinct texts. image->text: each image's softmax over the distinct texts (each once:
+  the first occurrence's column), the target its own text; the mean over the N images.
+  text->image: one row per distinct text, softmax over the N images, all images of that text
+  positive: -log(sum of their probabilities); the mean over the G distinct texts. Both reach 0 on
+  a separable batch. Static shapes (masks over first occurrences), so it jits at any batch.
 
   Args:
-    image_features, text_features: [B, E], already L2-normalised (B local under `axis_name`).
-    logit_scale: scalar temperature in log space (the model's `logit_scale` parameter).
+    image_features, text_features: [B, E], L2-normalised (B local under `axis_name`).
+    logit_scale: scalar log temperature.
     axis_name: mapped axis inside shard_map/pmap; None for a single program over the full batch.
-    groups: optional int [B]: samples with equal group ids are each other's positives (targets
-      spread uniformly over the row's positives) instead of negatives. With ten degradation words
-      in a batch of hundreds, the reference's one-hot targets make most same-text pairs false
-      negatives. None (or all-distinct ids) gives the standard one-hot InfoNCE.
+    text_ids: optional int [B] text identities (see above).
 
   Returns:
-    Scalar float32 loss, the mean over the global batch.
+    (image_to_text, text_to_image): scalar float32, global means, equal on every device.
   """
   if image_features.ndim != 2 or image_features.shape != text_features.shape:
     raise ValueError(f"clip_loss needs two [B, E] feature arrays of equal shape, got "
@@ -54,44 +73,78 @@ def clip_loss(image_features: jax.Array, text_features: jax.Array, logit_scale: 
   scale = jnp.exp(jnp.asarray(logit_scale, jnp.float32))
   all_img, offset = _gather(img, axis_name)
   all_txt, _ = _gather(txt, axis_name)
-  labels = offset + jnp.arange(img.shape[0])
+  rows = offset + jnp.arange(img.shape[0])
   logits_per_image = scale * img @ all_txt.T  # [B, N]
   logits_per_text = scale * txt @ all_img.T  # [B, N]
-  if groups is None:
-    targets = jax.nn.one_hot(labels, all_img.shape[0], dtype=jnp.float32)
+  if text_ids is None:
+    def ce(logits):  # one-hot target: this row's own column
+      picked = jnp.take_along_axis(logits, rows[:, None], axis=1)[:, 0]
+      return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - picked)
+
+    i2t, t2i = ce(logits_per_image), ce(logits_per_text)
   else:
-    if groups.shape != img.shape[:1]:
-      raise ValueError(f"groups must be [B]={img.shape[:1]}, got {groups.shape}")
-    all_groups, _ = _gather(groups, axis_name)
-    same = (groups[:, None] == all_groups[None, :]).astype(jnp.float32)
-    targets = same / jnp.sum(same, axis=-1, keepdims=True)
+    if text_ids.shape != img.shape[:1]:
+      raise ValueError(f"text_ids must be [B]={img.shape[:1]}, got {text_ids.shape}")
+    all_ids, _ = _gather(text_ids, axis_name)
+    same_all, first_all = _first_occurrence(all_ids)  # global: the same on every device
+    same = same_all[rows]  # [B, N] this device's rows
+    # image -> text: columns restricted to first occurrences; the target is the row's own text's
+    # first column (equal texts have equal features, so any of its columns has this logit).
+    target = jnp.argmax(same & first_all[None, :], axis=1)
+    picked = jnp.take_along_axis(logits_per_image, target[:, None], axis=1)[:, 0]
+    i2t = jnp.mean(jax.nn.logsumexp(logits_per_image, axis=-1, where=first_all[None, :])
+                   - picked)
+    # text -> image: every row is computed, only first occurrences count (a duplicate's row is
+    # the same row again); normalised by the global number of distinct texts G.
+    row_loss = (jax.nn.logsumexp(logits_per_text, axis=-1)
+                - jax.nn.logsumexp(logits_per_text, axis=-1, where=same))
+    distinct = jnp.sum(first_all).astype(jnp.float32)
+    devices = all_img.shape[0] // img.shape[0]
+    # The pmean below averages the devices' values: scale the local sum so that it yields
+    # sum over all devices / G.
+    t2i = jnp.sum(jnp.where(first_all[rows], row_loss, 0.0)) * devices / distinct
+  if axis_name is not None:  # equal local batches: mean of means = global mean
+    i2t, t2i = jax.lax.pmean((i2t, t2i), axis_name)
+  return i2t, t2i
 
-  def ce(logits):
-    return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1))
 
-  loss = (ce(logits_per_image) + ce(logits_per_text)) / 2
-  if axis_name is not None:
-    loss = jax.lax.pmean(loss, axis_name)  # equal local batches: mean of means = global mean
-  return loss
+def clip_loss(image_features: jax.Array, text_features: jax.Array, logit_scale: jax.Array, *,
+              axis_name: str | None = None, text_ids: jax.Array | None = None) -> jax.Array:
+  """Symmetric CLIP InfoNCE: (CE(s I T^T) + CE(s T I^T)) / 2, s = exp(scale).
+
+  Args:
+    image_features, text_features: [B, E], already L2-normalised (B local under `axis_name`).
+    logit_scale: scalar temperature in log space (the model's `logit_scale` parameter).
+    axis_name: mapped axis inside shard_map/pmap; None for a single program over the full batch.
+    text_ids: optional int [B], equal for equal texts: the loss over the batch's distinct texts
+      instead of the reference's one-hot InfoNCE with duplicates (`contrastive_directions`).
+
+  Returns:
+    Scalar float32 loss, the mean over the global batch.
+  """
+  i2t, t2i = contrastive_directions(image_features, text_features, logit_scale,
+                                    axis_name=axis_name, text_ids=text_ids)
+  return (i2t + t2i) / 2
 
 
 def daclip_loss(image_features: jax.Array, text_features: jax.Array,
                 image_degra_features: jax.Array, text_degra_features: jax.Array,
                 logit_scale: jax.Array, *, axis_name: str | None = None,
-                degradation_groups: jax.Array | None = None
+                degradation_ids: jax.Array | None = None
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """DA-CLIP loss = caption contrastive + degradation contrastive, weight 1 each (spec §1.7).
 
-  Both terms share the temperature. Duplicate degradation texts in a batch stay as negatives, as in
-  the reference, unless `degradation_groups` (int [B], equal for equal texts) makes them each
-  other's positives in the degradation term (see `clip_loss`).
+  Both terms share the temperature. Duplicate degradation texts in a batch stay in the softmax
+  once per image, as in the reference (a floor of log n_c per term, n_c the text's count), unless
+  `degradation_ids` (int [B], equal for equal texts) makes the degradation term count each
+  distinct text once (`contrastive_directions`).
 
   Returns:
     (total, {"contrastive": ..., "degradation": ...}), scalars.
   """
   contrastive = clip_loss(image_features, text_features, logit_scale, axis_name=axis_name)
   degradation = clip_loss(image_degra_features, text_degra_features, logit_scale,
-                          axis_name=axis_name, groups=degradation_groups)
+                          axis_name=axis_name, text_ids=degradation_ids)
   return contrastive + degradation, {"contrastive": contrastive, "degradation": degradation}
 
 

@@ -13,9 +13,11 @@ Per batch (`clip_lq` is the pipeline's 224² CLIP view of each LQ image):
   shared temperature (spec §1.7). Under the jit strategy the loss is computed on the global batch
   (XLA partitions it), so the negatives are the whole batch's and the gradients are exactly those
   of one device (tested on 8 devices).
-  `contrastive.same_text_positives`: images whose degradation texts are equal are positives of each
-  other in the degradation term (ours; with ten words in a batch of hundreds the reference's
-  one-hot targets make most same-text pairs false negatives). Off in the reproduction config.
+  `contrastive.distinct_texts` (ours, off by default: the reference's loss): the degradation term
+  over the batch's distinct texts (`losses.contrastive_directions`). With ten words in a batch of
+  hundreds the reference's softmax holds each word n_c times, so each image's term cannot fall
+  below log n_c; counting each text once removes that floor. (Spreading the one-hot targets over
+  same-text columns instead, an earlier option, changes nothing: those columns are identical.)
 Robust mode (`contrastive.robust`), the wild paper's recipe as we read it: clean photos degraded
   on the fly by the wild chain (the paper's Fig. 2 pipeline), the degradation text of each image
   made of the words that chain actually applied (paper: "combinations of degradation types"), and
@@ -52,7 +54,7 @@ from uir_jax.train import loop
 
 
 def text_group(text: str) -> int:
-  """A stable int id of a text (equal texts, equal ids), for same-text positives."""
+  """A stable int id of a text (equal texts, equal ids), for `contrastive.distinct_texts`."""
   return zlib.crc32(text.encode("utf-8")) & 0x7FFFFFFF
 
 
@@ -134,9 +136,9 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
     content, degra = model.encode_image(images, control=True)
     text = l2_normalize(model.encode_text(batch["caption_ids"]).astype(jnp.float32))
     dtext = l2_normalize(model.encode_text(batch["degradation_ids"]).astype(jnp.float32))
-    groups = batch["degradation_group"] if lc.same_text_positives else None
+    ids = batch["degradation_group"] if lc.distinct_texts else None
     total, parts = losses.daclip_loss(l2_normalize(content), text, l2_normalize(degra), dtext,
-                                      model.logit_scale[...], degradation_groups=groups)
+                                      model.logit_scale[...], degradation_ids=ids)
     if lc.robust:
       clean = model.encode_image(conditioning.clip_view(batch["clip_gt"], arch.image_size),
                                  control=False)
