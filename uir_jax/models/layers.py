@@ -329,15 +329,105 @@ class DepthwiseConv(nnx.Module):
                           self.bias[...].astype(self.dtype))
 
 
+def _conv_reference(x: Array, kernel: Array, pad: tuple[tuple[int, int], tuple[int, int]]) -> Array:
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), pad,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_s1_cpu(x: Array, kernel: Array, pad: tuple[tuple[int, int], tuple[int, int]]) -> Array:
+  """Stride-1 NHWC convolution with a hand-written backward pass, for XLA's CPU backend.
+
+  XLA CPU computes the kernel gradient as a convolution whose window is the whole image (e.g.
+  64x64), a slow path; here it is one matmul of the im2col patches [N·H·W, kh·kw·Cin] with the
+  output gradient. The input gradient is the usual full correlation with the flipped kernel."""
+  return _conv_reference(x, kernel, pad)
+
+
+def _conv_s1_cpu_fwd(x, kernel, pad):
+  return _conv_reference(x, kernel, pad), (x, kernel)
+
+
+def _conv_s1_cpu_bwd(pad, res, g):
+  x, kernel = res
+  kh, kw, cin, cout = kernel.shape
+  (pt, pb), (pl, pr) = pad
+  gx = _conv_reference(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3),
+                       ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
+  b, ho, wo, _ = g.shape
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  patches = jnp.concatenate([xp[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)],
+                            axis=-1).reshape(b * ho * wo, kh * kw * cin)
+  gk = jnp.dot(patches.T, g.reshape(b * ho * wo, cout), preferred_element_type=jnp.float32)
+  return gx.astype(x.dtype), gk.reshape(kh, kw, cin, cout).astype(kernel.dtype)
+
+
+_conv_s1_cpu.defvjp(_conv_s1_cpu_fwd, _conv_s1_cpu_bwd)
+
+
+def conv2d(x: Array, kernel: Array, bias: Array | None, stride: int,
+           pad: tuple[tuple[int, int], tuple[int, int]], *, cpu: bool | None = None) -> Array:
+  """NHWC convolution, kernel [kh, kw, Cin, Cout] (HWIO), `pad` ((top, bottom), (left, right)).
+
+  The original formulation is `lax.conv_general_dilated`. On the CPU platform (`cpu_formulation`)
+  a strided convolution whose kernel is a multiple of the stride becomes space-to-depth (a reshape)
+  and a stride-1 convolution (XLA CPU's gradient of a strided convolution is an input-dilated
+  convolution on a slow path), a 1x1 one a matmul, and the stride-1 convolution gets a
+  hand-written backward pass (`_conv_s1_cpu`)."""
+  kh, kw, cin, cout = kernel.shape
+  if not cpu_formulation(cpu) or kh % stride or kw % stride:
+    y = jax.lax.conv_general_dilated(x, kernel, (stride, stride), pad,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y if bias is None else y + bias
+  b, h, w, _ = x.shape
+  (pt, pb), (pl, pr) = pad
+  ho, wo = (h + pt + pb - kh) // stride + 1, (w + pl + pr - kw) // stride + 1
+  if stride > 1:
+    s = stride
+    # Space-to-depth: x'[u, v, (i, j, c)] = xp[s·u + i, s·v + j, c]; kernel likewise.
+    hp, wp = -(-(h + pt + pb) // s) * s, -(-(w + pl + pr) // s) * s
+    x = jnp.pad(x, ((0, 0), (pt, hp - h - pt), (pl, wp - w - pl), (0, 0)))
+    x = x.reshape(b, hp // s, s, wp // s, s, cin).transpose(0, 1, 3, 2, 4, 5).reshape(
+        b, hp // s, wp // s, s * s * cin)
+    kernel = kernel.reshape(kh // s, s, kw // s, s, cin, cout).transpose(0, 2, 1, 3, 4, 5).reshape(
+        kh // s, kw // s, s * s * cin, cout)
+    kh, kw, cin, pad = kh // s, kw // s, s * s * cin, ((0, 0), (0, 0))
+  if kh == kw == 1 and pad == ((0, 0), (0, 0)):
+    y = jnp.dot(x.reshape(-1, cin), kernel.reshape(cin, cout)).reshape(*x.shape[:3], cout)
+  else:
+    y = _conv_s1_cpu(x, kernel, pad)
+  y = y[:, :ho, :wo]
+  return y if bias is None else y + bias
+
+
+class Conv(nnx.Conv):
+  """`nnx.Conv` (same parameters, attributes and results) computed by `conv2d`: on the CPU
+  platform with the CPU formulations, elsewhere exactly as `nnx.Conv`."""
+
+  def __call__(self, x: Array) -> Array:
+    pad = self.padding
+    strides = self.strides if isinstance(self.strides, (tuple, list)) else (self.strides,) * 2
+    simple = (x.ndim == 4 and self.feature_group_count == 1 and self.input_dilation in (1, (1, 1), None)
+              and self.kernel_dilation in (1, (1, 1), None) and len(self.kernel_size) == 2
+              and strides[0] == strides[1] and isinstance(pad, (tuple, list))
+              and self.mask is None)
+    if not simple or not cpu_formulation():
+      return super().__call__(x)
+    x = x.astype(self.dtype)
+    kernel = self.kernel[...].astype(self.dtype)
+    bias = self.bias[...].astype(self.dtype) if self.bias is not None else None
+    return conv2d(x, kernel, bias, strides[0], tuple(tuple(p) for p in pad))
+
+
 def conv(din: int, dout: int, kernel: int, *, rngs: nnx.Rngs, stride: int = 1,
-         padding: int | None = None, use_bias: bool = True, dtype=jnp.float32) -> nnx.Conv:
+         padding: int | None = None, use_bias: bool = True, dtype=jnp.float32) -> Conv:
   """nn.Conv2d-like NHWC convolution with symmetric zero padding (default kernel // 2)."""
   p = kernel // 2 if padding is None else padding
-  return nnx.Conv(din, dout, kernel_size=(kernel, kernel), strides=(stride, stride),
-                  padding=((p, p), (p, p)), use_bias=use_bias, dtype=dtype,
-                  param_dtype=jnp.float32,
-                  kernel_init=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-                  rngs=rngs)
+  return Conv(din, dout, kernel_size=(kernel, kernel), strides=(stride, stride),
+              padding=((p, p), (p, p)), use_bias=use_bias, dtype=dtype,
+              param_dtype=jnp.float32,
+              kernel_init=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+              rngs=rngs)
 
 
 class CrossAttention(nnx.Module):
