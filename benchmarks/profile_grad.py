@@ -8,7 +8,7 @@ Prints a table: milliseconds per step, share, forward/backward, thunk, HLO op, r
 
   python benchmarks/profile_grad.py nafnet                 # GoPro width-32 NAFNet, 8 x 64²
   python benchmarks/profile_grad.py unet                   # daclip-sde ConditionalUNet, 4 x 64²
-  python benchmarks/profile_grad.py daclip                 # DA-CLIP controller step (tiny CLIP)
+  python benchmarks/profile_grad.py daclip                 # DA-CLIP controller step, ViT-B-32
   python benchmarks/profile_grad.py nafnet --enc 1 1 1 4   # fewer middle blocks: faster compile
 """
 
@@ -41,7 +41,7 @@ def _nafnet(args):
              rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   x, y = (jnp.asarray(rng.random((8, 64, 64, 3), dtype=np.float32)) for _ in range(2))
-  return m, lambda mod: jnp.mean(jnp.abs(mod(x) - y))
+  return m, lambda mod: jnp.mean(jnp.abs(mod(x) - y)), nnx.Param
 
 
 def _unet(args):
@@ -51,20 +51,30 @@ def _unet(args):
   xt, mu, y = (jnp.asarray(rng.random((4, 64, 64, 3), dtype=np.float32)) for _ in range(3))
   tc, ic = (jnp.asarray(rng.standard_normal((4, 512)).astype(np.float32)) for _ in range(2))
   t = jnp.asarray([3, 30, 60, 90])
-  return m, lambda mod: jnp.mean(jnp.abs(mod(xt, mu, t, text_context=tc, image_context=ic) - y))
+  return m, (lambda mod: jnp.mean(jnp.abs(mod(xt, mu, t, text_context=tc, image_context=ic) - y))
+              ), nnx.Param
 
 
 def _daclip(args):
-  from uir_jax.models.clip import CLIP, CLIPConfig
-  from uir_jax.models.daclip import DaCLIP
-  cfg = CLIPConfig.tiny() if hasattr(CLIPConfig, "tiny") else CLIPConfig()
-  m = DaCLIP(CLIP(cfg, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1))
+  """The controller step of benchmarks/daclip.py: frozen CLIP, gradients of the controller and
+  logit_scale only, `daclip_loss` on caption and degradation texts."""
+  from uir_jax.losses import daclip_loss
+  from uir_jax.models.clip import get_config
+  from uir_jax.models.daclip import TRAINABLE, DaCLIP
+  cfg = get_config(args.clip)
+  m = DaCLIP(cfg, rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
-  b, s = args.daclip_batch, cfg.image_size
-  img = jnp.asarray(rng.random((b, s, s, 3), dtype=np.float32))
-  tok = jnp.asarray(rng.integers(1, cfg.vocab_size - 1, (b, cfg.context_length)))
-  return m, lambda mod: mod.contrastive_loss(img, tok, tok) if hasattr(
-      mod, "contrastive_loss") else jnp.mean(mod.encode_image(img)[0] ** 2)
+  b = args.daclip_batch
+  img = jnp.asarray(rng.standard_normal((b, cfg.image_size, cfg.image_size, 3)), jnp.float32)
+  ids = np.zeros((b, cfg.context_length), np.int32)
+  ids[:, 0], ids[:, 1:9], ids[:, 9] = 49406, rng.integers(1, 49000, (b, 8)), 49407
+  cap, deg = jnp.asarray(ids), jnp.asarray(np.roll(ids, 1, axis=0))
+
+  def loss(mod):
+    out = mod(img, cap, deg)
+    return daclip_loss(out["image_features"], out["text_features"], out["image_degra_features"],
+                       out["text_degra_features"], mod.logit_scale[...])[0]
+  return m, loss, TRAINABLE
 
 
 def main(argv=None):
@@ -72,21 +82,22 @@ def main(argv=None):
   p.add_argument("model", choices=["nafnet", "unet", "daclip"])
   p.add_argument("--enc", type=int, nargs=4, default=[1, 1, 1, 28])
   p.add_argument("--daclip-batch", type=int, default=8)
+  p.add_argument("--clip", default="ViT-B-32", help="DA-CLIP's CLIP: ViT-B-32 | ViT-L-14 | tiny")
   p.add_argument("--runs", type=int, default=3)
   p.add_argument("--top", type=int, default=30)
   args = p.parse_args(argv)
-  model, loss = {"nafnet": _nafnet, "unet": _unet, "daclip": _daclip}[args.model](args)
-  graphdef, params = nnx.split(model)
+  model, loss, trainable = {"nafnet": _nafnet, "unet": _unet, "daclip": _daclip}[args.model](args)
+  graphdef, params, rest = nnx.split(model, trainable, ...)
 
-  def train_step(p):
-    return jax.value_and_grad(lambda q: loss(nnx.merge(graphdef, q)))(p)
+  def train_step(p, rest):
+    return jax.value_and_grad(lambda q: loss(nnx.merge(graphdef, q, rest)))(p)
 
   step = jax.jit(train_step)
-  jax.block_until_ready(step(params))
+  jax.block_until_ready(step(params, rest))
   trace_dir = os.path.join(DUMP, "trace")
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     for _ in range(args.runs):
-      jax.block_until_ready(step(params))
+      jax.block_until_ready(step(params, rest))
   ev = json.load(gzip.open(sorted(glob.glob(f"{trace_dir}/**/*.json.gz", recursive=True))[-1]))
   ev = ev["traceEvents"] if isinstance(ev, dict) else ev
   hlo_file = sorted(glob.glob(f"{DUMP}/*train_step*after_optimizations.txt"))[0]
