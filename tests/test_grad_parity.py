@@ -168,22 +168,26 @@ def test_depthwise_conv_cpu_and_reference_agree(k):
 @pytest.mark.parametrize("kernel,stride,pad", [(3, 1, 1), (7, 1, 3), (1, 1, 0), (2, 2, 0),
                                                (4, 2, 1), (3, 2, 1)])
 def test_conv_cpu_and_reference_agree(kernel, stride, pad):
-  """`layers.conv` (the CPU formulations: space-to-depth, matmuls, hand-written backward) equals
-  nnx.Conv's lax convolution, values and gradients, for every convolution the models use."""
+  """`layers.conv2d`'s CPU formulations (space-to-depth, matmuls, hand-written backward) equal
+  lax's convolution, values and gradients, for every convolution shape the models use; and the
+  `layers.conv` module equals nnx.Conv's own call on either formulation."""
   r = np.random.default_rng(kernel * 10 + stride)
-  m = layers.conv(5, 6, kernel, stride=stride, padding=pad, rngs=nnx.Rngs(0))
-  m.bias[...] = jnp.asarray(r.normal(size=(6,)), jnp.float32)
   x = jnp.asarray(r.normal(size=(2, 9, 10, 5)), jnp.float32)
-  graphdef, params = nnx.split(m)
-  with layers.formulation_override(False):
-    ct = jnp.asarray(r.normal(size=m(x).shape), jnp.float32)
+  kern = jnp.asarray(r.normal(size=(kernel, kernel, 5, 6)) / kernel, jnp.float32)
+  bias = jnp.asarray(r.normal(size=(6,)), jnp.float32)
+  p2 = ((pad, pad), (pad, pad))
+  ct = jnp.asarray(r.normal(size=layers.conv2d(x, kern, bias, stride, p2, cpu=False).shape),
+                   jnp.float32)
   outs = {}
   for cpu in (True, False):
-    with layers.formulation_override(cpu):
-      f = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
-      y = f(params, x)
-      outs[cpu] = (y, *jax.jit(jax.grad(lambda p, x: jnp.sum(f(p, x) * ct), argnums=(0, 1)))(
-          params, x))
-  assert isinstance(m, nnx.Conv)
-  for a, b in zip(jax.tree.leaves(outs[True]), jax.tree.leaves(outs[False]), strict=True):
+    f = lambda x, k, b, cpu=cpu: layers.conv2d(x, k, b, stride, p2, cpu=cpu)
+    outs[cpu] = (f(x, kern, bias), *jax.grad(lambda *a, f=f: jnp.sum(f(*a) * ct),
+                                             argnums=(0, 1, 2))(x, kern, bias))
+  for a, b in zip(outs[True], outs[False], strict=True):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
+  m = layers.conv(5, 6, kernel, stride=stride, padding=pad, rngs=nnx.Rngs(0))
+  assert isinstance(m, nnx.Conv)
+  m.kernel[...], m.bias[...] = kern, bias
+  for cpu in (True, False):
+    with layers.formulation_override(cpu):
+      np.testing.assert_allclose(m(x), outs[False][0], atol=2e-5, rtol=1e-5)

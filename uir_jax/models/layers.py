@@ -401,17 +401,23 @@ def conv2d(x: Array, kernel: Array, bias: Array | None, stride: int,
 
 
 class Conv(nnx.Conv):
-  """`nnx.Conv` (same parameters, attributes and results) computed by `conv2d`: on the CPU
-  platform with the CPU formulations, elsewhere exactly as `nnx.Conv`."""
+  """`nnx.Conv` (same parameters, attributes and results); on the CPU platform a convolution whose
+  kernel equals its stride (no padding) is computed by `conv2d` (space-to-depth and a matmul),
+  every other one exactly as `nnx.Conv`."""
 
   def __call__(self, x: Array) -> Array:
     pad = self.padding
     strides = self.strides if isinstance(self.strides, (tuple, list)) else (self.strides,) * 2
-    simple = (x.ndim == 4 and self.feature_group_count == 1 and self.input_dilation in (1, (1, 1), None)
+    simple = (x.ndim == 4 and self.feature_group_count == 1
+              and self.input_dilation in (1, (1, 1), None)
               and self.kernel_dilation in (1, (1, 1), None) and len(self.kernel_size) == 2
               and strides[0] == strides[1] and isinstance(pad, (tuple, list))
               and self.mask is None)
-    if not simple or not cpu_formulation():
+    # Measured (benchmarks/RESULTS.md): the U-Net step with the im2col kernel gradient was 1.2x
+    # SLOWER than with lax's convolution, so only the kernel == stride case (NAFNet's downs: a
+    # reshape and a matmul) takes `conv2d`'s CPU path; `conv2d(cpu=True)` keeps the rest for study.
+    if not simple or not cpu_formulation() or tuple(self.kernel_size) != tuple(strides) \
+        or any(p != 0 for side in pad for p in side):
       return super().__call__(x)
     x = x.astype(self.dtype)
     kernel = self.kernel[...].astype(self.dtype)
