@@ -19,6 +19,8 @@ PyTorch reference materialises a 16 GiB score matrix there and runs out of memor
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import jax
@@ -31,6 +33,34 @@ ATTENTION_IMPLS = ("auto", "naive", "xla", "cudnn", "blockwise")
 # "auto" switches to blockwise above this many scores per batch element (all heads): 64 Mi floats
 # = 256 MiB in float32.
 AUTO_BLOCKWISE_THRESHOLD = 1 << 26
+
+
+# Forces `cpu_formulation` for every call while set (benchmarks time both formulations in one
+# process through `formulation_override`); None: decided by the platform.
+_FORMULATION_OVERRIDE: bool | None = None
+
+
+def cpu_formulation(override: bool | None = None) -> bool:
+  """Whether to trace the CPU-tuned formulations (hand-written backward passes) of this module.
+
+  Decided at trace time from the default backend: True on "cpu", False on GPU/TPU, where the
+  original formulations (differentiated by JAX) stay. `override` forces one (tests)."""
+  if override is not None:
+    return override
+  if _FORMULATION_OVERRIDE is not None:
+    return _FORMULATION_OVERRIDE
+  return jax.default_backend() == "cpu"
+
+
+@contextlib.contextmanager
+def formulation_override(cpu: bool | None):
+  """Within the block, trace the CPU formulations (True) or the original ones (False)."""
+  global _FORMULATION_OVERRIDE
+  old, _FORMULATION_OVERRIDE = _FORMULATION_OVERRIDE, cpu
+  try:
+    yield
+  finally:
+    _FORMULATION_OVERRIDE = old
 
 
 def sinusoidal_embedding(t: Array, dim: int) -> Array:
@@ -46,6 +76,57 @@ def sinusoidal_embedding(t: Array, dim: int) -> Array:
   return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
 
+def _layer_norm_reference(x: Array, scale: Array, bias: Array | None, eps: float) -> Array:
+  """float32 LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * scale (+ bias)."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale
+  return y if bias is None else y + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm_cpu(x: Array, scale: Array, bias: Array, eps: float) -> Array:
+  """`_layer_norm_reference` with the textbook backward pass, for XLA's CPU backend.
+
+  Saves x and the per-row (mean, 1/std) instead of XLA's chain of intermediates, and computes
+  dx = rstd (dŷ - mean(dŷ) - x̂ mean(dŷ x̂)) with dŷ = g·scale in two row reductions."""
+  return _layer_norm_reference(x, scale, bias, eps)
+
+
+def _layer_norm_cpu_fwd(x, scale, bias, eps):
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True) + eps)
+  return (x32 - mean) * rstd * scale + bias, (x, mean, rstd, scale)
+
+
+def _layer_norm_cpu_bwd(eps, res, g):
+  del eps
+  x, mean, rstd, scale = res
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  g = g.astype(jnp.float32)
+  gy = g * scale
+  dx = rstd * (gy - jnp.mean(gy, axis=-1, keepdims=True)
+               - xhat * jnp.mean(gy * xhat, axis=-1, keepdims=True))
+  axes = tuple(range(g.ndim - 1))
+  return dx.astype(x.dtype), jnp.sum(g * xhat, axis=axes), jnp.sum(g, axis=axes)
+
+
+_layer_norm_cpu.defvjp(_layer_norm_cpu_fwd, _layer_norm_cpu_bwd)
+
+
+def layer_norm(x: Array, scale: Array, bias: Array | None, eps: float, *,
+               cpu: bool | None = None) -> Array:
+  """float32 LayerNorm over the last axis of x [..., C] with scale [C] and optional bias [C].
+
+  On the CPU platform (`cpu_formulation`) the backward pass is hand-written (`_layer_norm_cpu`);
+  elsewhere JAX differentiates the reference formulation."""
+  if not cpu_formulation(cpu):
+    return _layer_norm_reference(x, scale, bias, eps)
+  return _layer_norm_cpu(x, scale, jnp.zeros_like(scale) if bias is None else bias, eps)
+
+
 class ChannelLayerNorm(nnx.Module):
   """LayerNorm over the channel axis with a gain `g` and no bias (IR-SDE `module_util.LayerNorm`).
 
@@ -58,11 +139,7 @@ class ChannelLayerNorm(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     eps = 1e-5 if jnp.dtype(self.dtype) == jnp.float32 else 1e-3
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * self.g[...]
-    return y.astype(self.dtype)
+    return layer_norm(x, self.g[...], None, eps).astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -74,11 +151,7 @@ class LayerNorm(nnx.Module):
     self.eps, self.dtype = eps, dtype
 
   def __call__(self, x: Array) -> Array:
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
-    return y.astype(self.dtype)
+    return layer_norm(x, self.scale[...], self.bias[...], self.eps).astype(self.dtype)
 
 
 class GroupNorm(nnx.Module):
@@ -169,13 +242,80 @@ def dense(din: int, dout: int, *, rngs: nnx.Rngs, dtype=jnp.float32, use_bias: b
                     param_dtype=jnp.float32, rngs=rngs)
 
 
+def _shifted_sum(xp: Array, kernel: Array, h: int, w: int) -> Array:
+  """sum over (i, j) of xp[:, i:i + h, j:j + w, :] * kernel[i, j]: one fused elementwise loop."""
+  k = kernel.shape[0]
+  out = None
+  for dy in range(k):
+    for dx in range(k):
+      term = xp[:, dy:dy + h, dx:dx + w, :] * kernel[dy, dx]
+      out = term if out is None else out + term
+  return out
+
+
+def _dwconv_reference(x: Array, kernel: Array, bias: Array) -> Array:
+  """Depthwise k x k convolution, zero padding k // 2: x [B, H, W, C], kernel [k, k, C], bias [C].
+
+  Differentiated by JAX itself (the original formulation; kept on accelerators)."""
+  k, (_, h, w, _) = kernel.shape[0], x.shape
+  xp = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+  return bias + _shifted_sum(xp, kernel, h, w)
+
+
+@jax.custom_vjp
+def _dwconv_cpu(x: Array, kernel: Array, bias: Array) -> Array:
+  """`_dwconv_reference` with a hand-written backward pass, for XLA's CPU backend.
+
+  XLA's own gradient of the shifted sum transposes each slice into a zero-padded full-size buffer
+  and adds the k² buffers (then transposes the sum for the next matmul in one poorly ordered
+  loop), and saves the k² shifted copies of the input for the kernel gradient: together ~60% of a
+  NAFNet backward pass on CPU. Here the input gradient is the same shifted sum on the padded
+  output gradient with the kernel flipped, and the kernel gradient reads the padded input and the
+  output gradient once per tap; only x is saved.
+  """
+  return _dwconv_reference(x, kernel, bias)
+
+
+def _dwconv_cpu_fwd(x, kernel, bias):
+  return _dwconv_reference(x, kernel, bias), (x, kernel)
+
+
+def _dwconv_cpu_bwd(res, g):
+  x, kernel = res
+  k, (_, h, w, _) = kernel.shape[0], x.shape
+  p = k // 2
+  # out[y] = sum_i xp[y + i] k[i]  =>  dx[y] = sum_i gp[y + 2p - i] k[i] = sum_j gp[y + j] k[2p-j].
+  gp = jnp.pad(g, ((0, 0), (p, p), (p, p), (0, 0)))
+  dx = _shifted_sum(gp, kernel[::-1, ::-1], h, w).astype(x.dtype)
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  g32 = g.astype(jnp.float32)
+  dk = jnp.stack([jnp.stack([jnp.sum(xp[:, dy:dy + h, dx_:dx_ + w, :].astype(jnp.float32) * g32,
+                                     axis=(0, 1, 2)) for dx_ in range(k)]) for dy in range(k)])
+  db = jnp.sum(g32, axis=(0, 1, 2))
+  return dx, dk.astype(kernel.dtype), db.astype(g.dtype)
+
+
+_dwconv_cpu.defvjp(_dwconv_cpu_fwd, _dwconv_cpu_bwd)
+
+
+def depthwise_conv(x: Array, kernel: Array, bias: Array, *, cpu: bool | None = None) -> Array:
+  """k x k depthwise convolution with zero padding k // 2 on NHWC: kernel [k, k, C], bias [C].
+
+  The forward pass is k² shifted multiply-adds either way; on the CPU platform (`cpu_formulation`)
+  the backward pass is hand-written (`_dwconv_cpu`)."""
+  if kernel.ndim != 3 or kernel.shape[0] != kernel.shape[1] or kernel.shape[0] % 2 == 0:
+    raise ValueError(f"depthwise kernel must be [k, k, C] with odd k, got {kernel.shape}")
+  return (_dwconv_cpu if cpu_formulation(cpu) else _dwconv_reference)(x, kernel, bias)
+
+
 class DepthwiseConv(nnx.Module):
   """k x k depthwise convolution (PyTorch Conv2d(c, c, k, padding=k // 2, groups=c)), NHWC.
 
   Same parameters as `nnx.Conv(c, c, (k, k), feature_group_count=c)` (kernel [k, k, 1, c], bias
   [c]), computed as k² shifted multiply-adds that XLA fuses into one elementwise loop: on CPUs
   XLA's grouped-convolution gradient is ~50x slower than this (a NAFNet train step took seconds),
-  and on accelerators it is one memory-bound fusion either way.
+  and on accelerators it is one memory-bound fusion either way. On the CPU platform the backward
+  pass is hand-written too (see `depthwise_conv`).
   """
 
   def __init__(self, c: int, kernel: int = 3, *, rngs: nnx.Rngs, dtype=jnp.float32):
@@ -185,26 +325,115 @@ class DepthwiseConv(nnx.Module):
     self.k, self.dtype = kernel, dtype
 
   def __call__(self, x: Array) -> Array:
-    k, (_, h, w, _) = self.k, x.shape
+    return depthwise_conv(x.astype(self.dtype), self.kernel[...][:, :, 0].astype(self.dtype),
+                          self.bias[...].astype(self.dtype))
+
+
+def _conv_reference(x: Array, kernel: Array, pad: tuple[tuple[int, int], tuple[int, int]]) -> Array:
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), pad,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_s1_cpu(x: Array, kernel: Array, pad: tuple[tuple[int, int], tuple[int, int]]) -> Array:
+  """Stride-1 NHWC convolution with a hand-written backward pass, for XLA's CPU backend.
+
+  XLA CPU computes the kernel gradient as a convolution whose window is the whole image (e.g.
+  64x64), a slow path; here it is one matmul of the im2col patches [N·H·W, kh·kw·Cin] with the
+  output gradient. The input gradient is the usual full correlation with the flipped kernel."""
+  return _conv_reference(x, kernel, pad)
+
+
+def _conv_s1_cpu_fwd(x, kernel, pad):
+  return _conv_reference(x, kernel, pad), (x, kernel)
+
+
+def _conv_s1_cpu_bwd(pad, res, g):
+  x, kernel = res
+  kh, kw, cin, cout = kernel.shape
+  (pt, pb), (pl, pr) = pad
+  gx = _conv_reference(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3),
+                       ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
+  b, ho, wo, _ = g.shape
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  patches = jnp.concatenate([xp[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)],
+                            axis=-1).reshape(b * ho * wo, kh * kw * cin)
+  gk = jnp.dot(patches.T, g.reshape(b * ho * wo, cout), preferred_element_type=jnp.float32)
+  return gx.astype(x.dtype), gk.reshape(kh, kw, cin, cout).astype(kernel.dtype)
+
+
+_conv_s1_cpu.defvjp(_conv_s1_cpu_fwd, _conv_s1_cpu_bwd)
+
+
+def conv2d(x: Array, kernel: Array, bias: Array | None, stride: int,
+           pad: tuple[tuple[int, int], tuple[int, int]], *, cpu: bool | None = None) -> Array:
+  """NHWC convolution, kernel [kh, kw, Cin, Cout] (HWIO), `pad` ((top, bottom), (left, right)).
+
+  The original formulation is `lax.conv_general_dilated`. On the CPU platform (`cpu_formulation`)
+  a strided convolution whose kernel is a multiple of the stride becomes space-to-depth (a reshape)
+  and a stride-1 convolution (XLA CPU's gradient of a strided convolution is an input-dilated
+  convolution on a slow path), a 1x1 one a matmul, and the stride-1 convolution gets a
+  hand-written backward pass (`_conv_s1_cpu`)."""
+  kh, kw, cin, cout = kernel.shape
+  if not cpu_formulation(cpu) or kh % stride or kw % stride:
+    y = jax.lax.conv_general_dilated(x, kernel, (stride, stride), pad,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y if bias is None else y + bias
+  b, h, w, _ = x.shape
+  (pt, pb), (pl, pr) = pad
+  ho, wo = (h + pt + pb - kh) // stride + 1, (w + pl + pr - kw) // stride + 1
+  if stride > 1:
+    s = stride
+    # Space-to-depth: x'[u, v, (i, j, c)] = xp[s·u + i, s·v + j, c]; kernel likewise.
+    hp, wp = -(-(h + pt + pb) // s) * s, -(-(w + pl + pr) // s) * s
+    x = jnp.pad(x, ((0, 0), (pt, hp - h - pt), (pl, wp - w - pl), (0, 0)))
+    x = x.reshape(b, hp // s, s, wp // s, s, cin).transpose(0, 1, 3, 2, 4, 5).reshape(
+        b, hp // s, wp // s, s * s * cin)
+    kernel = kernel.reshape(kh // s, s, kw // s, s, cin, cout).transpose(0, 2, 1, 3, 4, 5).reshape(
+        kh // s, kw // s, s * s * cin, cout)
+    kh, kw, cin, pad = kh // s, kw // s, s * s * cin, ((0, 0), (0, 0))
+  if kh == kw == 1 and pad == ((0, 0), (0, 0)):
+    y = jnp.dot(x.reshape(-1, cin), kernel.reshape(cin, cout)).reshape(*x.shape[:3], cout)
+  else:
+    y = _conv_s1_cpu(x, kernel, pad)
+  y = y[:, :ho, :wo]
+  return y if bias is None else y + bias
+
+
+class Conv(nnx.Conv):
+  """`nnx.Conv` (same parameters, attributes and results); on the CPU platform a convolution whose
+  kernel equals its stride (no padding) is computed by `conv2d` (space-to-depth and a matmul),
+  every other one exactly as `nnx.Conv`."""
+
+  def __call__(self, x: Array) -> Array:
+    pad = self.padding
+    strides = self.strides if isinstance(self.strides, (tuple, list)) else (self.strides,) * 2
+    simple = (x.ndim == 4 and self.feature_group_count == 1
+              and self.input_dilation in (1, (1, 1), None)
+              and self.kernel_dilation in (1, (1, 1), None) and len(self.kernel_size) == 2
+              and strides[0] == strides[1] and isinstance(pad, (tuple, list))
+              and self.mask is None)
+    # Measured (benchmarks/RESULTS.md): the U-Net step with the im2col kernel gradient was 1.2x
+    # SLOWER than with lax's convolution, so only the kernel == stride case (NAFNet's downs: a
+    # reshape and a matmul) takes `conv2d`'s CPU path; `conv2d(cpu=True)` keeps the rest for study.
+    if not simple or not cpu_formulation() or tuple(self.kernel_size) != tuple(strides) \
+        or any(p != 0 for side in pad for p in side):
+      return super().__call__(x)
     x = x.astype(self.dtype)
     kernel = self.kernel[...].astype(self.dtype)
-    xp = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
-    out = self.bias[...].astype(self.dtype)
-    for dy in range(k):
-      for dx in range(k):
-        out = out + xp[:, dy:dy + h, dx:dx + w, :] * kernel[dy, dx, 0]
-    return out
+    bias = self.bias[...].astype(self.dtype) if self.bias is not None else None
+    return conv2d(x, kernel, bias, strides[0], tuple(tuple(p) for p in pad))
 
 
 def conv(din: int, dout: int, kernel: int, *, rngs: nnx.Rngs, stride: int = 1,
-         padding: int | None = None, use_bias: bool = True, dtype=jnp.float32) -> nnx.Conv:
+         padding: int | None = None, use_bias: bool = True, dtype=jnp.float32) -> Conv:
   """nn.Conv2d-like NHWC convolution with symmetric zero padding (default kernel // 2)."""
   p = kernel // 2 if padding is None else padding
-  return nnx.Conv(din, dout, kernel_size=(kernel, kernel), strides=(stride, stride),
-                  padding=((p, p), (p, p)), use_bias=use_bias, dtype=dtype,
-                  param_dtype=jnp.float32,
-                  kernel_init=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-                  rngs=rngs)
+  return Conv(din, dout, kernel_size=(kernel, kernel), strides=(stride, stride),
+              padding=((p, p), (p, p)), use_bias=use_bias, dtype=dtype,
+              param_dtype=jnp.float32,
+              kernel_init=nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+              rngs=rngs)
 
 
 class CrossAttention(nnx.Module):
