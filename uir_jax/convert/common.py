@@ -272,6 +272,31 @@ def param_shapes(model: Any) -> dict[str, tuple[int, ...]]:
   return {k: tuple(v.shape) for k, v in flat_params(nnx.state(model, nnx.Param)).items()}
 
 
+def torch_key(path: str, reverse: Sequence[tuple[str, str]]) -> str:
+  """The PyTorch state_dict key that fills our parameter `path`, by a family's reverse table of
+  (pattern, replacement) regex substitutions applied in order."""
+  for pattern, repl in reverse:
+    path = re.sub(pattern, repl, path)
+  return path
+
+
+def expected_torch_keys(model: Any, reverse: Sequence[tuple[str, str]]) -> list[str]:
+  """The PyTorch state_dict keys (sorted) a checkpoint for `model` has, by the reverse table."""
+  return sorted(torch_key(p, reverse) for p in param_shapes(model))
+
+
+def load_checked(abstract: Any, sd: Mapping[str, Any], rules: Sequence[Rule],
+                 reverse: Sequence[tuple[str, str]], *, what: str,
+                 ignore: Iterable[str] = ()) -> Any:
+  """Fills an abstract model (`nnx.eval_shape`) from `sd`: first names the PyTorch keys the file
+  lacks (by the reverse table: clearer than our paths), then converts and assigns."""
+  missing = [k for k in expected_torch_keys(abstract, reverse) if k not in sd]
+  if missing:
+    raise ConversionError(f"cannot load {what}: keys missing from the file: {_fmt(missing)}")
+  assign(abstract, convert(sd, rules, param_shapes(abstract), ignore=ignore, what=what))
+  return abstract
+
+
 def unwrap_network(ckpt: Mapping[str, Any], containers: Sequence[str]) -> dict[str, Any]:
   """A network's state_dict inside a checkpoint: the first of `containers` (e.g. "state_dict",
   "params") holding a mapping, else the checkpoint itself; a DataParallel "module." is stripped."""

@@ -26,18 +26,16 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from uir_jax.convert import common
 from uir_jax.convert.common import (
     ConversionError,
     Rule,
-    assign,
     check_options,
     conv,
     conv1x1_to_linear,
-    convert,
     dense_rules,
     flatten,
     linear,
-    param_shapes,
     read_state_dict,
     unwrap_network,
 )
@@ -117,14 +115,12 @@ _REVERSE = [
 
 def torch_key(path: str) -> str:
   """The PyTorch state_dict key that fills our parameter `path`."""
-  for pattern, repl in _REVERSE:
-    path = re.sub(pattern, repl, path)
-  return path
+  return common.torch_key(path, _REVERSE)
 
 
 def expected_keys(model: nnx.Module) -> list[str]:
   """The PyTorch state_dict keys a checkpoint for `model` has (sorted)."""
-  return sorted(torch_key(p) for p in param_shapes(model))
+  return common.expected_torch_keys(model, _REVERSE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,15 +209,7 @@ def load_nafnet(path_or_state_dict: str | os.PathLike | StateDict, *, dtype=jnp.
   what = f"{cls.__name__} checkpoint"
   abstract = nnx.eval_shape(lambda: cls(**kw, rngs=nnx.Rngs(0), dtype=dtype,
                                         attention_impl=attention_impl))
-  missing = [k for k in expected_keys(abstract) if k not in sd]
-  if missing:
-    shown = ", ".join(repr(k) for k in missing[:12])
-    more = f" ... and {len(missing) - 12} more" if len(missing) > 12 else ""
-    raise ConversionError(f"cannot load {what}: keys missing from the file: [{shown}{more}] "
-                          f"({len(missing)} total)")
-  flat = convert(sd, nafnet_rules(), param_shapes(abstract), what=what)
-  assign(abstract, flat)
-  return abstract
+  return common.load_checked(abstract, sd, nafnet_rules(), _REVERSE, what=what)
 
 
 __all__ = ["ConversionError", "expected_keys", "infer_options", "load_nafnet", "nafnet_rules",

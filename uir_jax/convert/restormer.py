@@ -29,16 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from uir_jax.convert import common
 from uir_jax.convert.common import (
     ConversionError,
     Rule,
-    assign,
     check_options,
     conv,
     conv1x1_to_linear,
-    convert,
     flatten,
-    param_shapes,
     read_state_dict,
     unwrap_network,
 )
@@ -100,14 +98,12 @@ _REVERSE = [
 
 def torch_key(path: str) -> str:
   """The PyTorch state_dict key that fills our parameter `path`."""
-  for pattern, repl in _REVERSE:
-    path = re.sub(pattern, repl, path)
-  return path
+  return common.torch_key(path, _REVERSE)
 
 
 def expected_keys(model: nnx.Module) -> list[str]:
   """The PyTorch state_dict keys a checkpoint for `model` has (sorted)."""
-  return sorted(torch_key(p) for p in param_shapes(model))
+  return common.expected_torch_keys(model, _REVERSE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,15 +223,7 @@ def build_and_load(cls: type, sd: StateDict, kw: dict[str, Any], rules: list[Rul
   """Builds `cls(**kw)` abstractly, checks the keys, converts and assigns the weights."""
   what = f"{cls.__name__} checkpoint"
   abstract = nnx.eval_shape(lambda: cls(**kw, rngs=nnx.Rngs(0), dtype=dtype))
-  missing = [k for k in expected_keys(abstract) if k not in sd]
-  if missing:
-    shown = ", ".join(repr(k) for k in missing[:12])
-    more = f" ... and {len(missing) - 12} more" if len(missing) > 12 else ""
-    raise ConversionError(f"cannot load {what}: keys missing from the file: [{shown}{more}] "
-                          f"({len(missing)} total)")
-  flat = convert(sd, rules, param_shapes(abstract), ignore=ignore, what=what)
-  assign(abstract, flat)
-  return abstract
+  return common.load_checked(abstract, sd, rules, _REVERSE, what=what, ignore=ignore)
 
 
 def load_restormer(path_or_state_dict: str | os.PathLike | StateDict, *, dtype=jnp.float32,
