@@ -24,12 +24,11 @@ Prints JSON lines: name, device, shape, value, unit (+ extras).
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench_util import device_name, emit
+from bench_util import device_name, emit, timeit
 from flax import nnx
 
 from uir_jax.models import layers
@@ -38,15 +37,6 @@ from uir_jax.models.unet import ConditionalUNet
 
 def _max_abs(a, b) -> float:
   return float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
-
-
-def _time(fn, repeats: int) -> float:
-  jax.block_until_ready(fn())
-  t0 = time.perf_counter()
-  for _ in range(repeats):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t0) / repeats
 
 
 def op_check(args, tokens: int, heads: int, dim_head: int):
@@ -68,7 +58,7 @@ def op_check(args, tokens: int, heads: int, dim_head: int):
            **base)
       continue
     plain = out if impl == "naive" else plain
-    sec = _time(lambda fn=fn: fn(qd, kd, vd), args.repeats)
+    sec = timeit(lambda fn=fn: fn(qd, kd, vd), args.repeats)
     emit(name="attention/op", value=_max_abs(out, plain), unit="max abs diff vs naive (same dtype)",
          max_abs_diff_vs_float32=_max_abs(out, exact), ms_per_call=round(1e3 * sec, 3), **base)
 
