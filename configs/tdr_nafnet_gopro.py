@@ -11,6 +11,10 @@ the text half; until then any image can serve). Crops of LQ, GT and guidance are
   uir-jax train --config configs/tdr_nafnet_gopro.py --workdir runs/tdr_nafnet_gopro \
       --config.data.root=datasets/GoPro --config.data.guidance_root=datasets/GoPro_guidance
   uir-jax train --config configs/tdr_nafnet_gopro.py:tiny --workdir /tmp/tdr0   # CPU, seconds
+
+Variant `fusion`: "encoder+bottleneck" (default: the released code, what its checkpoints hold) or
+"encoder+decoder" (the paper's best ablation),
+e.g. `configs/tdr_nafnet_gopro.py:fusion=encoder+decoder`.
 """
 
 from configs import common
@@ -21,7 +25,7 @@ TINY_TASKS = (("blurry", [{"op": "blur", "max_radius": 5, "sinc_prob": 0.0, "deb
 
 
 def get_config(arg: str | None = None):
-  v = common.parse_arg(arg, tiny=False)
+  v = common.parse_arg(arg, tiny=False, fusion="encoder+bottleneck")
   c = common.base("tdr")
   c.total_steps = 1_000_000
   c.batch_size = 16
@@ -29,7 +33,7 @@ def get_config(arg: str | None = None):
   c.data = common.guided_data_config("paired", root="datasets/GoPro", split="train",
                                      val_split="test", lq_folder="blur", gt_folder="sharp",
                                      guidance_root="datasets/GoPro_guidance", patch_size=256)
-  c.model = common.guided_nafnet_config(width=64)
+  c.model = common.guided_nafnet_config(width=64, fusion=v.fusion)
   c.optimizer = common.guided_optimizer_config(lr=1e-4, guidance_lr=5e-5)
   if v.tiny:
     common.shrink_guided_for_tests(c, TINY_TASKS)

@@ -1,10 +1,11 @@
 """Trainer stage "tdr": TextualDegRemoval's guided restoration network on the spine.
 
-Per example: restored = net(LQ crop, guidance crop) (`networks.build_guided`, backbone
-`config.model.arch`), and the loss is the paper's Eq. 5, L1 = mean |restored − GT| (per-example
-mean, then the batch mean). The batches come from the input pipeline with a guidance source
-(`config.data.guidance_root`) or `config.data.synthetic_guidance`; LQ, GT and guidance are the
-same crop (`input_pipeline.guidance`).
+Per example: restored = net(LQ crop, guidance crop) (`networks.build_guided`: backbone
+`config.model.arch`, the other `config.model` fields its options); the loss is the paper's
+Eq. 5, L1 = mean |restored − GT| (per-example mean, then the batch mean). The batches come from
+the input pipeline with a guidance source (`config.data.guidance_root`) or
+`config.data.synthetic_guidance`; LQ, GT and guidance are the same crop
+(`input_pipeline.guidance`).
 
 Optimizer (paper suppl. "Implementation details"; the released `RefGuidedImageCleanModel`):
 AdamW in two groups, each with its own cosine schedule from its initial rate to
@@ -28,24 +29,12 @@ import ml_collections
 import optax
 from flax import nnx
 
+from uir_jax.systems.textual_deg_removal.networks import ARCHS, build_guided
 from uir_jax.train import common, loop
 
 # Parameters under a module whose name starts with this are the guidance module's.
 GUIDANCE_PREFIX = "masa"
 KEYS = ("lq", "gt", "guidance", "index")
-
-
-def build_guided(arch: str, **options: Any) -> nnx.Module:
-  """The guided network of backbone `arch` (`networks.build_guided` when present)."""
-  try:
-    from uir_jax.systems.textual_deg_removal.networks import build_guided as build
-  except ImportError:  # before the Restormer / PromptIR variants land: the NAFNet alone
-    from uir_jax.systems.textual_deg_removal.guided_nafnet import GuidedNAFNet
-
-    if arch != "nafnet":
-      raise ValueError(f"model.arch {arch!r} is not available (only 'nafnet')") from None
-    return GuidedNAFNet(**options)
-  return build(arch, **options)
 
 
 def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
@@ -91,9 +80,9 @@ def l1_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
 def check_config(config: ml_collections.ConfigDict) -> None:
   if config.loss != "l1":
     raise ValueError(f"the tdr trainer's loss is L1 (paper Eq. 5): loss 'l1', got {config.loss!r}")
-  if "arch" not in config.model:
-    raise ValueError("the tdr trainer needs config.model.arch ('nafnet', 'restormer' or "
-                     "'promptir')")
+  if config.model.get("arch") not in ARCHS:
+    raise ValueError(f"the tdr trainer needs config.model.arch, one of {ARCHS}; got "
+                     f"{config.model.get('arch')!r}")
   d = config.data
   if not (d.get("guidance_root") or d.get("synthetic_guidance")):
     raise ValueError("the tdr trainer needs guidance: set config.data.guidance_root (a folder of "
