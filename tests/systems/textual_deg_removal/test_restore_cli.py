@@ -1,0 +1,116 @@
+"""`uir-jax restore --guidance` (TextualDegRemoval) in this process: an official-layout
+NAFNetRefFusion state_dict (our PyTorch reference, random weights) restores photos with their
+guidance images; the export of the same network restores the same; bad inputs end with one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY = dict(width=4, nf=4, enc_blk_nums=(1, 1, 1, 1), dec_blk_nums=(1, 1, 1, 1), middle_blk_num=1,
+            ext_n_blocks=(1, 1, 1, 1), reffusion_n_blocks=(1, 1, 1, 1),
+            reffusion_n_blocks_middle=1)
+
+
+def _cli(*args):
+  """`uir-jax ARGS` in this process; returns the SystemExit code (None or 0: success)."""
+  from uir_jax import main
+
+  main.FLAGS.unparse_flags()
+  with pytest.raises(SystemExit) as exc:
+    main.run(["uir-jax", *map(str, args)])
+  return exc.value.code
+
+
+def _png(path, hw, seed):
+  rng = np.random.default_rng(seed)
+  Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)).save(path)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  """A .pth of the official layout (nonzero fusion scales, so the guidance reaches the output),
+  photos a (100 x 120) and b (64 x 64), guidance for a only (another size), c without one."""
+  torch = pytest.importorskip("torch")
+  torch_tdr = pytest.importorskip("torch_tdr")
+  torch_nafnet = pytest.importorskip("torch_nafnet")
+  d = tmp_path_factory.mktemp("tdr_cli")
+  torch.manual_seed(0)
+  model = torch_nafnet.perturb_(torch_tdr.TorchNAFNetRefFusion(**TINY))
+  torch.save({"params": model.state_dict()}, d / "guided.pth")
+  (d / "photos").mkdir()
+  (d / "guidance").mkdir()
+  photos = [_png(d / "photos" / "a.png", (100, 120), 1), _png(d / "photos" / "c.png", (40, 30), 2)]
+  _png(d / "guidance" / "a.jpg", (150, 90), 3)
+  _png(d / "guidance" / "other.png", (64, 64), 4)
+  return {"dir": d, "pth": str(d / "guided.pth"), "photos": photos,
+          "guidance": str(d / "guidance")}
+
+
+@pytest.mark.torch
+def test_restore_with_guidance_writes_the_result_and_skips_photos_without(files, capsys):
+  from uir_jax.photos import read_rgb
+  from uir_jax.systems.textual_deg_removal.restore import GuidedRestorer
+
+  out = files["dir"] / "out"
+  code = _cli("restore", f"--checkpoint={files['pth']}", f"--guidance={files['guidance']}",
+              f"--output_dir={out}", *files["photos"])
+  assert code in (None, 0)
+  text = capsys.readouterr()
+  assert "1 image(s) restored, 0 failed, 1 skipped without guidance" in text.out
+  assert "skipping" in text.err and "c.png" in text.err and "no guidance" in text.err
+  assert not (out / "c.png").exists()
+  got = np.asarray(Image.open(out / "a.png"))
+  assert got.shape == (100, 120, 3)
+  # The written PNG is the restorer's output for (a.png, a.jpg), not for another guidance.
+  restorer = GuidedRestorer.from_checkpoint(files["pth"])
+  lq = read_rgb(files["photos"][0])[None]
+  want = np.asarray(restorer(lq, guidance=read_rgb(f"{files['guidance']}/a.jpg")[None]))[0]
+  other = np.asarray(restorer(lq, guidance=read_rgb(f"{files['guidance']}/other.png")[None]))[0]
+  assert np.abs(other - want).max() > 2 / 255  # the guidance matters ...
+  assert np.abs(got / 255.0 - want).max() <= 0.5 / 255 + 1e-6  # ... and a.jpg was the one used
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("case", ["missing_folder", "empty_folder", "unreadable", "no_match",
+                                  "no_guidance_flag", "guidance_for_daclip_model"])
+def test_bad_guidance_inputs_end_with_one_line(files, capsys, case):
+  d = files["dir"] / case
+  d.mkdir()
+  photo = files["photos"][0]
+  guidance = str(d / "guidance")
+  args = [f"--checkpoint={files['pth']}"]
+  expect = guidance
+  if case == "missing_folder":
+    expect = f"guidance folder not found: {guidance}"
+  elif case == "empty_folder":
+    (d / "guidance").mkdir()
+    (d / "guidance" / "notes.txt").write_text("no images here")
+  elif case == "unreadable":
+    (d / "guidance").mkdir()
+    (d / "guidance" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    expect = "1 of 1 image(s) could not be read"
+  elif case == "no_match":
+    (d / "guidance").mkdir()
+    _png(d / "guidance" / "zzz.png", (32, 32), 0)
+    expect = "none of the 1 photo(s) has a guidance image"
+  if case == "no_guidance_flag":
+    code = _cli("restore", *args, f"--output_dir={d / 'out'}", photo)
+    expect = "give --guidance DIR"
+  elif case == "guidance_for_daclip_model":
+    unet = d / "unet.pth"
+    unet.write_bytes(b"x")
+    code = _cli("restore", f"--unet={unet}", f"--guidance={files['guidance']}",
+                f"--output_dir={d / 'out'}", photo)
+    expect = "this model takes no guidance"
+  else:
+    code = _cli("restore", *args, f"--guidance={guidance}", f"--output_dir={d / 'out'}", photo)
+  err = code if isinstance(code, str) else capsys.readouterr().err
+  assert code not in (None, 0)
+  assert isinstance(code, str) and code.startswith("uir-jax restore: ") and "\n" not in code
+  assert expect in code, code
+  if case == "unreadable":
+    assert f"{guidance}/a.png" in capsys.readouterr().err  # the skip line names the file
+  del err
