@@ -114,3 +114,39 @@ def test_bad_guidance_inputs_end_with_one_line(files, capsys, case):
   if case == "unreadable":
     assert f"{guidance}/a.png" in capsys.readouterr().err  # the skip line names the file
   del err
+
+
+@pytest.fixture(scope="module")
+def exported(files):
+  out = str(files["dir"] / "export")
+  code = _cli("export", f"--checkpoint={files['pth']}", f"--out={out}", "--sizes=100x120",
+              "--guidance_sizes=150x90", "--platforms=cpu")
+  assert code in (None, 0)
+  return out
+
+
+@pytest.mark.torch
+def test_export_equals_flax_and_restores_through_the_cli(files, exported, capsys):
+  from uir_jax.export import load_export
+  from uir_jax.photos import read_rgb
+  from uir_jax.systems.textual_deg_removal.restore import GuidedRestorer
+
+  model = load_export(exported)
+  assert model.manifest["system"] == "textual_deg_removal" and model.needs_guidance
+  assert [(s["height"], s["width"], s["guidance_height"], s["guidance_width"])
+          for s, _ in model.functions] == [(128, 128, 256, 128)]  # rounded up to 128
+  lq = read_rgb(files["photos"][0])[None]
+  g = read_rgb(f"{files['guidance']}/a.jpg")[None]
+  want = np.asarray(GuidedRestorer.from_checkpoint(files["pth"])(lq, guidance=g))
+  got = np.asarray(model(lq, guidance=g))
+  assert got.shape == want.shape and np.abs(got - want).max() <= 1e-4
+  with pytest.raises(ValueError, match="guided export"):
+    model(lq)
+  with pytest.raises(ValueError, match="larger than every guidance size"):
+    model(lq, guidance=np.zeros((1, 300, 90, 3), np.float32))
+  out = files["dir"] / "out_export"
+  code = _cli("restore", f"--model={exported}", f"--guidance={files['guidance']}",
+              f"--output_dir={out}", *files["photos"])
+  assert code in (None, 0)
+  assert "1 image(s) restored, 0 failed, 1 skipped without guidance" in capsys.readouterr().out
+  assert np.abs(np.asarray(Image.open(out / "a.png")) / 255.0 - got[0]).max() <= 0.5 / 255 + 1e-6
