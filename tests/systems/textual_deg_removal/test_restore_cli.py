@@ -150,3 +150,27 @@ def test_export_equals_flax_and_restores_through_the_cli(files, exported, capsys
   assert code in (None, 0)
   assert "1 image(s) restored, 0 failed, 1 skipped without guidance" in capsys.readouterr().out
   assert np.abs(np.asarray(Image.open(out / "a.png")) / 255.0 - got[0]).max() <= 0.5 / 255 + 1e-6
+
+
+@pytest.mark.torch
+def test_eval_with_guidance_scores_pairs_and_counts_those_without(files, capsys):
+  import json
+
+  d = files["dir"] / "eval"
+  for sub in ("LQ", "GT"):
+    (d / "set" / sub).mkdir(parents=True)
+  for name, seed in (("a", 1), ("c", 2)):
+    _png(d / "set" / "LQ" / f"{name}.png", (100, 120), seed)
+    _png(d / "set" / "GT" / f"{name}.png", (100, 120), seed + 10)
+  out = d / "out"
+  code = _cli("eval", f"--checkpoint={files['pth']}", f"--guidance={files['guidance']}",
+              f"--data={d / 'set'}", f"--output_dir={out}")
+  assert code in (None, 0)
+  report = json.loads((out / "results.json").read_text())
+  assert [r["gt"].endswith("a.png") for r in report["per_image"]] == [True]
+  assert len(report["skipped"]) == 1 and "no guidance" in str(report["skipped"][0])
+  assert (out / "set" / "a.png").is_file()
+  capsys.readouterr()
+  code = _cli("eval", f"--checkpoint={files['pth']}", f"--guidance={d / 'nowhere'}",
+              f"--data={d / 'set'}", f"--output_dir={out}")
+  assert isinstance(code, str) and "guidance folder not found" in code and "\n" not in code
