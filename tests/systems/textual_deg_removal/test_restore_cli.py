@@ -174,3 +174,49 @@ def test_eval_with_guidance_scores_pairs_and_counts_those_without(files, capsys)
   code = _cli("eval", f"--checkpoint={files['pth']}", f"--guidance={d / 'nowhere'}",
               f"--data={d / 'set'}", f"--output_dir={out}")
   assert isinstance(code, str) and "guidance folder not found" in code and "\n" not in code
+
+
+@pytest.mark.torch
+def test_restore_run_of_the_tdr_trainer(files, capsys):
+  """--run: a workdir as the spine writes it (config.json of trainer "tdr" + an orbax checkpoint
+  {params, rest, ema, ...}) restores with its EMA weights."""
+  import json
+
+  import ml_collections
+  from flax import nnx
+
+  from uir_jax.checkpoint import Checkpointer
+  from uir_jax.photos import read_rgb
+  from uir_jax.systems.textual_deg_removal.restore import GuidedRestorer
+  from uir_jax.systems.textual_deg_removal.train import build_model
+
+  run = files["dir"] / "run"
+  run.mkdir()
+  config = {"trainer": "tdr", "dtype": "float32", "seed": 0,
+            "model": {"arch": "nafnet", **{k: list(v) if isinstance(v, tuple) else v
+                                          for k, v in TINY.items()}}}
+  (run / "config.json").write_text(json.dumps(config))
+  net = build_model(ml_collections.ConfigDict(config), nnx.Rngs(3))
+  _, params, rest = nnx.split(net, nnx.Param, ...)
+  ema = jax_tree_scale(nnx.to_pure_dict(params), 0.5)  # EMA differs from params
+  state = {"step": 7, "params": nnx.to_pure_dict(params), "rest": nnx.to_pure_dict(rest),
+           "ema": ema}
+  ckpt = Checkpointer(str(run), save_every=1, async_save=False)
+  ckpt.maybe_save(7, state, force=True)
+  ckpt.close()
+  out = files["dir"] / "out_run"
+  code = _cli("restore", f"--run={run}", f"--guidance={files['guidance']}",
+              f"--output_dir={out}", files["photos"][0])
+  assert code in (None, 0)
+  graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+  nnx.replace_by_pure_dict(params, ema)
+  want = GuidedRestorer(nnx.merge(graphdef, params, rest))(
+      read_rgb(files["photos"][0])[None], guidance=read_rgb(f"{files['guidance']}/a.jpg")[None])
+  got = np.asarray(Image.open(out / "a.png")) / 255.0
+  assert np.abs(got - np.asarray(want)[0]).max() <= 0.5 / 255 + 1e-6
+
+
+def jax_tree_scale(tree, s):
+  import jax
+
+  return jax.tree.map(lambda x: x * s, tree)
