@@ -22,6 +22,7 @@ else `ConversionError` names the keys.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -335,8 +336,6 @@ def infer_text_encoder_config(sd: StateDict, act: str = "quick_gelu") -> Any:
 
 def _load_hf_text(sd: StateDict, tcfg: Any, layer: str | int | None, what: str, dtype) -> Any:
   """A `CLIPTextTower` from HF `CLIPTextModel` keys; `layer` drops the blocks after it."""
-  import dataclasses
-
   from uir_jax.models.clip import CLIPTextTower, text_layer_index
 
   ignore = list(_TEXT_IGNORE)
@@ -351,7 +350,7 @@ def _load_hf_text(sd: StateDict, tcfg: Any, layer: str | int | None, what: str, 
 
 
 def load_text_encoder(path: str | os.PathLike | StateDict, *, layer: str | int | None = None,
-                      dtype=jnp.float32) -> Any:
+                      config: Mapping[str, Any] | None = None, dtype=jnp.float32) -> Any:
   """A `CLIPTextTower` from a transformers `CLIPTextModel` folder (a diffusers pipeline's
   `text_encoder/`: config.json + model.safetensors or pytorch_model.bin), a pipeline folder, a
   single-file LDM checkpoint, an open_clip text tower file, or a state_dict mapping.
@@ -366,6 +365,10 @@ def load_text_encoder(path: str | os.PathLike | StateDict, *, layer: str | int |
   so that the tower's output is that layer through the final LayerNorm. None: as SD uses the
   weights: every layer of an HF-layout model, "penultimate" of an open_clip-layout one (SD 2.x);
   so an SD 2.x single file and its diffusers folder load to the same 23-block tower.
+
+  `config` (a transformers `CLIPTextConfig` dict) is for a file or state_dict without a
+  config.json beside it; else the architecture is read off the shapes, with heads of 64 channels
+  (both SD text encoders) and quick_gelu for HF names (SD 1.x), gelu for open_clip (SD 2.x).
   """
   from uir_jax.convert.clip_towers import LDM_OPENCLIP, load_openclip_text
 
@@ -378,17 +381,24 @@ def load_text_encoder(path: str | os.PathLike | StateDict, *, layer: str | int |
     else:
       return _load_text_folder(folder, layer, dtype)
   if any(k.startswith(LDM_OPENCLIP) for k in sd) or "token_embedding.weight" in sd:
-    return load_openclip_text(sd, layer="penultimate" if layer is None else layer, dtype=dtype)
-  cfg: dict[str, Any] = {}
+    given = dict(config or {})
+    return load_openclip_text(sd, layer="penultimate" if layer is None else layer,
+                              heads=given.get("num_attention_heads"),
+                              act=given.get("hidden_act", "gelu"), dtype=dtype)
+  cfg: dict[str, Any] = {"model_type": "clip_text_model", **config} if config else {}
   if any(k.startswith(LDM_TEXT_HF) for k in sd):
     sd = ldm_sections(sd, LDM_TEXT_HF)
     where += f" (single-file LDM {LDM_TEXT_HF}*)"
-  elif where != "state_dict" and os.path.isfile(cfg_path := os.path.join(
+  elif not cfg and where != "state_dict" and os.path.isfile(cfg_path := os.path.join(
       os.path.dirname(where), "config.json")):
     with open(cfg_path) as f:  # a text_encoder/ folder's weights file: its config beside it
       cfg = json.load(f)
-  tcfg = (text_encoder_config(cfg) if cfg.get("model_type") == "clip_text_model"
-          else infer_text_encoder_config(sd))
+  if cfg.get("model_type") == "clip_text_model" and "hidden_size" in cfg:
+    tcfg = text_encoder_config(cfg)
+  else:  # the shapes, and what a partial `config` says
+    tcfg = infer_text_encoder_config(sd, act=cfg.get("hidden_act", "quick_gelu"))
+    if "num_attention_heads" in cfg:
+      tcfg = dataclasses.replace(tcfg, text_heads=int(cfg["num_attention_heads"]))
   return _load_hf_text(sd, tcfg, layer, f"CLIPTextModel weights {where}", dtype)
 
 
