@@ -66,6 +66,9 @@ def test_vision_hidden_states_match_open_clip(images):
                                          want["image_intermediates"], strict=True)):
     _close(out.hidden_states[k + 1], torch.cat([cls, patches], 1).numpy(), f"block {k}")
   np.testing.assert_array_equal(out.last_hidden_state, out.hidden_states[-1])
+  early = vis.hidden_states(jnp.asarray(images.transpose(0, 2, 3, 1)), num_blocks=2)
+  assert len(early.hidden_states) == 3
+  np.testing.assert_array_equal(early.last_hidden_state, out.hidden_states[2])
   _close(out.image_embeds, want["image_features"].numpy(), "image_embeds")
 
 

@@ -115,6 +115,14 @@ def test_text_encoder_bad_input(tmp_path):
   _tiny(tmp_path, "sd15")
   folder = tmp_path / "text_encoder"
   sd = load_file(str(folder / "model.safetensors"))
+  good = dict(sd)
+  key = next(k for k in sd if k.endswith("encoder.layers.0.mlp.fc1.bias"))
+  sd[key] = sd[key][:-1]
+  save_file(sd, str(folder / "model.safetensors"))
+  with pytest.raises(ConversionError, match=r"^[^\n]*layers\.0\.mlp\.fc1\.bias[^\n]*expects"
+                                            r"[^\n]*$"):  # one line naming the key
+    load_text_encoder(folder)
+  sd = good
   key = next(k for k in sd if k.endswith("encoder.layers.1.mlp.fc2.weight"))
   sd.pop(key)
   save_file(sd, str(folder / "model.safetensors"))
