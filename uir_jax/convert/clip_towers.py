@@ -114,7 +114,7 @@ def _text_prefix(sd: StateDict) -> str:
 def load_openclip_text(path_or_state_dict: str | os.PathLike | StateDict, *,
                        layer: str | int = "last", prefix: str | None = None,
                        heads: int | None = None, act: str = "gelu", trust: bool = False,
-                       dtype=jnp.float32) -> CLIPTextTower:
+                       name: str | None = None, dtype=jnp.float32) -> CLIPTextTower:
   """A `CLIPTextTower` from an open_clip-layout text tower.
 
   Args:
@@ -126,12 +126,15 @@ def load_openclip_text(path_or_state_dict: str | os.PathLike | StateDict, *,
     heads: attention heads; None: width // 64 (every open_clip text tower).
     act: "gelu" (LAION / open_clip) or "quick_gelu" (OpenAI weights).
     trust: read a PyTorch file with plain pickle (see `read_state_dict`).
+    name: what error messages call the source (default: the path, or "state_dict").
   """
   sd = read_state_dict(path_or_state_dict, trust=trust)
   if isinstance(sd.get("state_dict"), Mapping):
     sd = sd["state_dict"]
   p = _text_prefix(sd) if prefix is None else prefix
-  what = "open_clip text tower" + (f" ({p}*)" if p else "")
+  src = path_or_state_dict
+  name = name or (os.fspath(src) if isinstance(src, (str, os.PathLike)) else "state_dict")
+  what = f"open_clip text tower {name}" + (f" ({p}*)" if p else "")
   vocab, width = _shape(sd, p + "token_embedding.weight", what)
   n = _blocks(sd, p + "transformer.resblocks.", what)
   keep = text_layer_index(layer, n)
@@ -147,10 +150,7 @@ def load_openclip_text(path_or_state_dict: str | os.PathLike | StateDict, *,
   else:
     ignore.append(rf"(?!{re.escape(p)}).*")  # the rest of a single-file checkpoint
   abstract = nnx.eval_shape(lambda: CLIPTextTower(cfg, rngs=nnx.Rngs(0), dtype=dtype))
-  src = path_or_state_dict
-  name = os.fspath(src) if isinstance(src, (str, os.PathLike)) else "state_dict"
-  return _checked(sd, openclip_text_rules(p), abstract, ignore=tuple(ignore),
-                  what=f"{what} {name}")
+  return _checked(sd, openclip_text_rules(p), abstract, ignore=tuple(ignore), what=what)
 
 
 # ----------------------------------------------------------------------------------------------

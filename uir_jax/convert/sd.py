@@ -384,7 +384,7 @@ def load_text_encoder(path: str | os.PathLike | StateDict, *, layer: str | int |
     given = dict(config or {})
     return load_openclip_text(sd, layer="penultimate" if layer is None else layer,
                               heads=given.get("num_attention_heads"),
-                              act=given.get("hidden_act", "gelu"), dtype=dtype)
+                              act=given.get("hidden_act", "gelu"), name=where, dtype=dtype)
   cfg: dict[str, Any] = {"model_type": "clip_text_model", **config} if config else {}
   if any(k.startswith(LDM_TEXT_HF) for k in sd):
     sd = ldm_sections(sd, LDM_TEXT_HF)
