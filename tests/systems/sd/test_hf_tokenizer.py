@@ -16,7 +16,8 @@ from uir_jax import tokenizer as tok
 TRICKY = [
     "", " ", "a photo of a cat", "A Photo OF a CAT.", "it's don't we're I've I'm you'll he'd",
     "  leading and   trailing\t\nwhitespace  ", "café naïve e\u0301 A\u030a (NFC composes)",
-    "&amp; &lt;b&gt; (no HTML unescape)", "hi! !! bang!", "ﬁ ligature Ｆｕｌｌ", "emoji 😀🎉 日本語",
+    "&amp; &lt;b&gt; (no HTML unescape)", "hi! !! bang!", "ﬁ ligature Ｆｕｌｌ",
+    "emoji 😀🎉 日本語",
     "numbers 1234567890 3.14", "a<|endoftext|>b x<<|endoftext|> <|startoftext|>",
     "<|EndOfText|> upper-case specials are text", "<start_of_text> open_clip's are text",
     "non\u00a0breaking\u2003spaces\u200bzero width", "punctuation!!! ??? ... <w> @#$%^&*_+=|\\/~`",
@@ -36,7 +37,7 @@ def bpe_vocab(corpus, num_merges):
   for _ in range(num_merges):
     counts = {}
     for w, n in words.items():
-      for pair in zip(w[:-1], w[1:]):
+      for pair in zip(w[:-1], w[1:], strict=False):
         counts[pair] = counts.get(pair, 0) + n
     if not counts:
       break
