@@ -190,6 +190,13 @@ def infer_guided(sd: StateDict) -> tuple[str, dict[str, Any]]:
     p = promptir_options(sd)
     opts.update(prompt_dims=p["prompt_dims"], prompt_sizes=p["prompt_sizes"],
                 prompt_len=p["prompt_len"])
+  # Heads per level: a level without backbone blocks still has its fusion blocks' heads.
+  heads = list(opts["heads"])
+  for lvl in range(4):
+    key = f"masa_blk_enc_level{lvl + 1}.0.attn.temperature"
+    if key in sd:
+      heads[lvl] = int(np.prod(sd[key].shape))
+  opts["heads"] = tuple(heads)
   opts["reffusion_n_blocks"] = tuple(count_blocks(sd, f"masa_blk_enc_level{lvl}")
                                      for lvl in (1, 2, 3, 4))
   if any(k.startswith("masa_blk_dec_level") for k in sd):
