@@ -191,39 +191,21 @@ def _tiny_text_config(t: ml_collections.ConfigDict):
 
 
 class Tokens:
-  """Captions -> int32 ids [B, L] as the SD folder's tokenizer (SOT, tokens, EOT, padding with
-  the folder's pad token; truncated rows end with EOT)."""
+  """Captions -> int32 ids [B, L]: the SD folder's `tokenizer/` as transformers' CLIPTokenizer
+  (`tokenizer.load_hf_tokenizer`: its pad token, truncation without a warning, as diffusers'
+  training scripts), or without a folder open_clip's tokenizer (SOT, tokens, EOT, zeros)."""
 
   def __init__(self, folder: str | None, context_length: int):
     from uir_jax import tokenizer
 
-    self.length = int(context_length)
-    if folder is None:
-      self.tok, self.pad = tokenizer.get_tokenizer(), 0
-      return
-    path = os.path.join(folder, "tokenizer")
-    if not os.path.isfile(os.path.join(path, "vocab.json")):
-      raise FileNotFoundError(f"sd_path: no tokenizer/vocab.json in {folder}")
-    self.tok = tokenizer.get_tokenizer(path)
-    pad = None
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-      if os.path.isfile(os.path.join(path, name)):
-        pad = _read_json(os.path.join(path, name)).get("pad_token", pad)
-        if pad is not None:
-          break
-    pad = pad.get("content") if isinstance(pad, dict) else pad
-    if pad in (None, "<|endoftext|>"):
-      self.pad = self.tok.eot_id
-    elif pad in self.tok.encoder:
-      self.pad = self.tok.encoder[pad]
-    else:
-      raise ValueError(f"{path}: pad_token {pad!r} is not in vocab.json")
+    self.length, self.hf = int(context_length), folder is not None
+    self.tok = tokenizer.load_hf_tokenizer(folder) if self.hf else tokenizer.get_tokenizer()
 
   def __call__(self, captions: Sequence[Any]) -> np.ndarray:
     texts = [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in captions]
-    ids = self.tok(texts, self.length)
-    after_eot = np.cumsum(ids == self.tok.eot_id, axis=1) - (ids == self.tok.eot_id) > 0
-    return np.where(after_eot, self.pad, ids).astype(np.int32)
+    if self.hf:
+      return self.tok(texts, self.length, warn=False).astype(np.int32)
+    return self.tok(texts, self.length).astype(np.int32)
 
 
 def _frozen(module: nnx.Module) -> tuple[Any, Any]:

@@ -17,6 +17,11 @@
 
 Indices are constants (argmax); gradients flow through the features and soft_att.
 
+That is NAFNet's 5-level (/16) layout. The Restormer family (`guided_restormer.py`) uses 4
+levels (`GuidanceEncoder(levels=4)`: f1..f4, /8), matches on f4 and transfers to s in
+(1, 2, 4, 8): `geometry(..., down=8)` with padding to 8·8 = 64; `match_and_transfer` follows
+the number of levels it is given.
+
 Geometry (computed in Python from the padded sizes; both images are zero-padded to multiples of
 16·8 = 128 on the bottom/right, as the code does): px = W/16//8, k = 8,
 d_x = 2·int(W_ref/16 // (2 px) · 1.5) + 1, same for y. Fixed here:
@@ -58,17 +63,20 @@ class ResidualBlock(nnx.Module):
 
 
 class GuidanceEncoder(nnx.Module):
-  """The shared 5-level feature encoder (`masa_enc`): conv_L1 (3x3, s1), conv_L2..5 (3x3, s2,
+  """The shared multi-level feature encoder (`masa_enc`): conv_L1 (3x3, s1), conv_L2.. (3x3, s2,
   doubling channels), each + ReLU + residual blocks (n_blks[0], n_blks[1], then n_blks[2] for
-  levels 3-5, as the code builds them)."""
+  every deeper level, as the code builds them). 5 levels (/16) for NAFNet, 4 (/8) for the
+  Restormer family."""
 
-  def __init__(self, in_chl: int = 3, nf: int = 64, n_blks=(4, 4, 4, 4), *, rngs: nnx.Rngs,
-               dtype=jnp.float32):
+  def __init__(self, in_chl: int = 3, nf: int = 64, n_blks=(4, 4, 4, 4), *, levels: int = LEVELS,
+               rngs: nnx.Rngs, dtype=jnp.float32):
+    if levels < 2:
+      raise ValueError(f"GuidanceEncoder needs >= 2 levels, got {levels}")
     kw = dict(rngs=rngs, dtype=dtype)
-    counts = (n_blks[0], n_blks[1], n_blks[2], n_blks[2], n_blks[2])
+    counts = (n_blks[0], n_blks[1]) + (n_blks[2],) * (levels - 2)
     convs, blks = [], []
     c_in = in_chl
-    for lvl in range(LEVELS):
+    for lvl in range(levels):
       c = nf * 2 ** lvl
       convs.append(conv(c_in, c, 3, stride=1 if lvl == 0 else 2, **kw))
       blks.append(nnx.List([ResidualBlock(c, **kw) for _ in range(counts[lvl])]))
@@ -101,20 +109,21 @@ class Geometry:
 
 
 def geometry(lq_hw: tuple[int, int], ref_hw: tuple[int, int], *, lr_block_size: int = 8,
-             ref_down_block_size: float = 1.5) -> Geometry:
-  """Block geometry from the PADDED photo and guidance sizes (multiples of 128)."""
+             ref_down_block_size: float = 1.5, down: int = 16) -> Geometry:
+  """Block geometry from the PADDED photo and guidance sizes (multiples of down·lr_block_size);
+  `down` is the deepest level's stride (16 for NAFNet, 8 for the Restormer family)."""
   h, w = lq_hw
   hr, wr = ref_hw
-  py, px = h // 16 // lr_block_size, w // 16 // lr_block_size
+  py, px = h // down // lr_block_size, w // down // lr_block_size
   if not (py and px):
-    raise ValueError(f"photo {h}x{w} is smaller than one {16 * lr_block_size}-pixel block")
-  k_y, k_x = h // 16 // py, w // 16 // px
+    raise ValueError(f"photo {h}x{w} is smaller than one {down * lr_block_size}-pixel block")
+  k_y, k_x = h // down // py, w // down // px
   if k_y != k_x:
     raise ValueError(f"blocks must be square, got {k_y}x{k_x}")
 
   def diameter(side_r: int, n: int) -> int:
-    d = 2 * int(side_r // 16 // (2 * n) * ref_down_block_size) + 1
-    limit = side_r // 16 - 2  # the block (d + 2 cells) must fit in the guidance map
+    d = 2 * int(side_r // down // (2 * n) * ref_down_block_size) + 1
+    limit = side_r // down - 2  # the block (d + 2 cells) must fit in the guidance map
     if d > limit:
       d = limit if limit % 2 else limit - 1
     if d < 1:
@@ -225,7 +234,10 @@ def transfer(ref_block: Array, index: Array, soft_att: Array, g: Geometry, s: in
 
 def match_and_transfer(feat_lq: list[Array], feat_ref: list[Array], g: Geometry,
                        dilations=(1, 2, 3)) -> list[Array]:
-  """The warped guidance at every scale: [G0 (/1), G1 (/2), G2 (/4), G3 (/8), G4 (/16)]."""
+  """The warped guidance at every scale: [G0 (/1), G1 (/2), ..., G_{L-1} (deepest)] for L
+  encoder levels (matching on the deepest)."""
+  levels = len(feat_ref)
+  scales = tuple(2 ** i for i in range(levels))
   f5, f5_ref = feat_lq[-1], feat_ref[-1]
   n, _, wr, _ = f5_ref.shape
   hr = f5_ref.shape[1]
@@ -233,12 +245,12 @@ def match_and_transfer(feat_lq: list[Array], feat_ref: list[Array], g: Geometry,
   index = jax.lax.stop_gradient(coarse_search(lq_blocks, f5_ref, g, dilations))  # [N, P]
   y0 = _block_origin(index // wr, g.d_y, hr)
   x0 = _block_origin(index % wr, g.d_x, wr)
-  blocks = {s: _ref_blocks(feat_ref[LEVELS - 1 - lvl], y0, x0, g, s)
-            for lvl, s in enumerate((1, 2, 4, 8, 16))}
+  blocks = {s: _ref_blocks(feat_ref[levels - 1 - lvl], y0, x0, g, s)
+            for lvl, s in enumerate(scales)}
   fine_index, soft_att = fine_search(lq_blocks, blocks[1])
   fine_index = jax.lax.stop_gradient(fine_index)
   warped = []
-  for s in (16, 8, 4, 2, 1):
+  for s in scales[::-1]:
     t = transfer(blocks[s], fine_index, soft_att, g, s)  # [N·P, k s, k s, C]
     c = t.shape[-1]
     t = t.reshape(n, g.py, g.px, g.k * s, g.k * s, c).transpose(0, 1, 3, 2, 4, 5)

@@ -9,6 +9,12 @@ each encoder level l and before the middle blocks: x = B(cat[x, G_l])[..., :c_l]
 stack of NAFBlocks of width 2·c_l (`masa_blk_enc[l]`, `masa_blk_middle`). Their zero-initialised
 per-channel β, γ are the paper's α (Eq. 4): at init the network is the plain NAFNet.
 
+`fusion="encoder+decoder"` (the paper's best ablation, Table 10; not in the code, whose
+`masa_blk_dec` is an empty ModuleList) also fuses G_l before each decoder level's blocks, after
+the up + skip merge: `masa_blk_dec.{i}` before `decoders.{i}` (i = 0 is the /8 level, as the
+decoders are ordered), NAFBlocks of width 2·c_l, `reffusion_n_blocks_dec[l]` of them (l = 0 is
+full resolution; default reffusion_n_blocks).
+
 Fixed here: B6 (the code builds the middle fusion with `reffusion_n_blocks[4]`, an IndexError;
 `reffusion_n_blocks_middle` is used) and B8 (see guidance.py). Requires nf == width (the
 concatenations only line up then, as in every config of the code).
@@ -33,11 +39,14 @@ from uir_jax.systems.textual_deg_removal.guidance import (
 
 Array = jax.Array
 
-__all__ = ["GuidedNAFNet"]
+__all__ = ["FUSIONS", "GuidedNAFNet"]
+
+FUSIONS = ("encoder+bottleneck", "encoder+decoder")
 
 
 class GuidedNAFNet(nnx.Module):
-  """NAFNet (4 levels) with guidance fusion in the encoder and the bottleneck."""
+  """NAFNet (4 levels) with guidance fusion in the encoder and the bottleneck (and the decoder
+  with fusion="encoder+decoder")."""
 
   def __init__(self, img_channel: int = 3, width: int = 64, middle_blk_num: int = 1,
                enc_blk_nums: Sequence[int] = (1, 1, 1, 28),
@@ -46,8 +55,16 @@ class GuidedNAFNet(nnx.Module):
                reffusion_n_blocks: Sequence[int] = (2, 2, 2, 2),
                reffusion_n_blocks_middle: int = 1, lr_block_size: int = 8,
                ref_down_block_size: float = 1.5, dilations: Sequence[int] = (1, 2, 3),
-               rngs: nnx.Rngs, dtype=jnp.float32):
+               fusion: str = "encoder+bottleneck",
+               reffusion_n_blocks_dec: Sequence[int] | None = None, rngs: nnx.Rngs,
+               dtype=jnp.float32):
     nf = width if nf is None else nf
+    if fusion not in FUSIONS:
+      raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    dec_n = tuple(reffusion_n_blocks if reffusion_n_blocks_dec is None
+                  else reffusion_n_blocks_dec)
+    if len(dec_n) != 4:
+      raise ValueError(f"reffusion_n_blocks_dec needs 4 entries, got {dec_n}")
     if nf != width:
       raise ValueError(f"the guidance width nf ({nf}) must equal the NAFNet width ({width})")
     if len(enc_blk_nums) != 4 or len(dec_blk_nums) != 4 or len(reffusion_n_blocks) != 4:
@@ -55,7 +72,7 @@ class GuidedNAFNet(nnx.Module):
                        "reffusion_n_blocks need 4 entries")
     kw = dict(rngs=rngs, dtype=dtype)
     blk = lambda c: NAFBlock(c, norm="layernorm2d", **kw)
-    self.img_channel, self.dtype = img_channel, dtype
+    self.img_channel, self.dtype, self.fusion = img_channel, dtype, fusion
     self.lr_block_size, self.ref_down_block_size = lr_block_size, ref_down_block_size
     self.dilations = tuple(dilations)
     self.masa_enc = GuidanceEncoder(img_channel, nf, tuple(ext_n_blocks), **kw)
@@ -71,10 +88,15 @@ class GuidedNAFNet(nnx.Module):
     self.middle_blks = nnx.List([blk(chan) for _ in range(middle_blk_num)])
     self.masa_blk_middle = nnx.List([nnx.List([blk(2 * chan)
                                                for _ in range(reffusion_n_blocks_middle)])])
-    for num in dec_blk_nums:
+    dec_fuse = []
+    for i, num in enumerate(dec_blk_nums):
       ups.append(dense(chan, 2 * chan, use_bias=False, **kw))
       chan //= 2
       decoders.append(nnx.List([blk(chan) for _ in range(num)]))
+      if fusion == "encoder+decoder":
+        dec_fuse.append(nnx.List([blk(2 * chan) for _ in range(dec_n[3 - i])]))
+    if dec_fuse:
+      self.masa_blk_dec = nnx.List(dec_fuse)
     self.encoders, self.downs, self.masa_blk_enc = (nnx.List(encoders), nnx.List(downs),
                                                     nnx.List(fuse))
     self.ups, self.decoders = nnx.List(ups), nnx.List(decoders)
@@ -115,8 +137,10 @@ class GuidedNAFNet(nnx.Module):
     x = self._fuse(self.masa_blk_middle[0], x, warped[-1])
     for b in self.middle_blks:
       x = b(x)
-    for up, blocks in zip(self.ups, self.decoders, strict=True):
+    for i, (up, blocks) in enumerate(zip(self.ups, self.decoders, strict=True)):
       x = pixel_shuffle(up(x)) + skips.pop()
+      if self.fusion == "encoder+decoder":
+        x = self._fuse(self.masa_blk_dec[i], x, warped[3 - i])
       for b in blocks:
         x = b(x)
     return (self.ending(x).astype(jnp.float32) + inp)[:, :h, :w]
