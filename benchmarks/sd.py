@@ -96,19 +96,20 @@ def _torch_unet(config: dict):
   return UNet2DConditionModel(**config).eval()
 
 
-def _ours_unet(ref, config: dict, impl: str):
+def _ours_unet(ref, config: dict, args):
   from uir_jax.convert.sd import unet_from_state_dict
   from uir_jax.models.sd import UNet2DConditionModel
 
+  kw = dict(attention_impl=args.attention, dtype=jnp.dtype(args.dtype))
   if ref is None:  # ours only: random weights of the same config
-    return UNet2DConditionModel(config, rngs=nnx.Rngs(0), attention_impl=impl)
-  return unet_from_state_dict(ref.state_dict(), dict(ref.config), attention_impl=impl)
+    return UNet2DConditionModel(config, rngs=nnx.Rngs(0), **kw)
+  return unet_from_state_dict(ref.state_dict(), dict(ref.config), **kw)
 
 
 def bench_unet(args, rng) -> None:
   n, b = (32, 1) if args.quick else (64, 1)
   ref = None if args.no_torch else _torch_unet(SD15_UNET)
-  ours = _ours_unet(ref, SD15_UNET, args.attention)
+  ours = _ours_unet(ref, SD15_UNET, args)
   x = rng.standard_normal((b, n, n, 4)).astype(np.float32)
   ctx = rng.standard_normal((b, CTX_LEN, 768)).astype(np.float32)
   t = np.full((b,), 500.0, np.float32)
@@ -134,7 +135,7 @@ def bench_unet(args, rng) -> None:
   jax.block_until_ready(run_ours())
   t_o, t_t = alternate(run_ours, run_theirs, args.repeats)
   report("sd15_unet_forward", f"{b}x{n}x{n}x4 latent", t_o, t_t, compile_s=round(compile_s, 1),
-         attention=args.attention, torch_threads=threads)
+         attention=args.attention, dtype=args.dtype, torch_threads=threads)
 
 
 def bench_train(args, rng) -> None:
@@ -142,7 +143,7 @@ def bench_train(args, rng) -> None:
 
   n, b = (16, 2) if args.quick else (32, 2)
   ref = None if args.no_torch else _torch_unet(SMALL_UNET)
-  ours = _ours_unet(ref, SMALL_UNET, args.attention)
+  ours = _ours_unet(ref, SMALL_UNET, args)
   x = rng.standard_normal((b, n, n, 4)).astype(np.float32)
   noise = rng.standard_normal((b, n, n, 4)).astype(np.float32)
   ctx = rng.standard_normal((b, CTX_LEN, 768)).astype(np.float32)
@@ -193,15 +194,15 @@ def _vaes(args):
   from uir_jax.convert.sd import vae_from_state_dict
   from uir_jax.models.sd import AutoencoderKL
 
+  kw = dict(attention_impl=args.attention, dtype=jnp.dtype(args.dtype))
   if args.no_torch:
-    return None, AutoencoderKL(SD_VAE, rngs=nnx.Rngs(0), attention_impl=args.attention)
+    return None, AutoencoderKL(SD_VAE, rngs=nnx.Rngs(0), **kw)
   import torch
   from diffusers import AutoencoderKL as TorchVAE
 
   torch.manual_seed(0)
   ref = TorchVAE(**SD_VAE).eval()
-  return ref, vae_from_state_dict(ref.state_dict(), dict(ref.config),
-                                  attention_impl=args.attention)
+  return ref, vae_from_state_dict(ref.state_dict(), dict(ref.config), **kw)
 
 
 def bench_vae(args, rng) -> None:
@@ -227,7 +228,7 @@ def bench_vae(args, rng) -> None:
   jax.block_until_ready(run_ours())
   t_o, t_t = alternate(run_ours, run_theirs, args.repeats)
   report("sd_vae_decode", f"1x{n}x{n}x4 -> {8 * n}² image", t_o, t_t,
-         compile_s=round(compile_s, 1), **memory(dec))
+         compile_s=round(compile_s, 1), dtype=args.dtype, **memory(dec))
 
 
 def _ddim_tables(steps: int):
@@ -243,10 +244,10 @@ def _ddim_tables(steps: int):
 
 
 def bench_generate(args, rng) -> None:
-  n, steps = (32, 4) if args.quick else (64, 20)
+  n, steps = (32, 4) if args.quick else (64, args.steps)
   guidance = 7.5
   ref_unet = None if args.no_torch else _torch_unet(SD15_UNET)
-  ours_unet = _ours_unet(ref_unet, SD15_UNET, args.attention)
+  ours_unet = _ours_unet(ref_unet, SD15_UNET, args)
   ref_vae, ours_vae = _vaes(args)
   lat = rng.standard_normal((1, n, n, 4)).astype(np.float32)
   ctx = rng.standard_normal((2, CTX_LEN, 768)).astype(np.float32)  # [uncond, cond]
@@ -298,7 +299,7 @@ def bench_generate(args, rng) -> None:
     jax.block_until_ready(run_ours())
   t_o, t_t = alternate(run_ours, run_theirs, max(1, args.repeats // 2))
   report("sd15_generate_ddim", f"{8 * n}² image, {steps} steps, CFG (UNet batch 2)", t_o, t_t,
-         compile_s=round(compile_s, 1), steps=steps)
+         compile_s=round(compile_s, 1), steps=steps, dtype=args.dtype)
 
 
 def bench_compile(args, rng) -> None:
@@ -309,7 +310,7 @@ def bench_compile(args, rng) -> None:
   spec = jax.ShapeDtypeStruct
   for impl in ("auto", "naive"):
     abstract = nnx.eval_shape(lambda impl=impl: UNet2DConditionModel(
-        SD15_UNET, rngs=nnx.Rngs(0), attention_impl=impl, dtype=args.dtype))
+        SD15_UNET, rngs=nnx.Rngs(0), attention_impl=impl, dtype=jnp.dtype(args.dtype)))
     graphdef, state = nnx.split(abstract)
     t0 = time.perf_counter()
     c = jax.jit(lambda s, *a, graphdef=graphdef: nnx.merge(graphdef, s)(*a)).lower(
@@ -332,7 +333,9 @@ def main() -> None:
   p.add_argument("--quick", action="store_true", help="small sizes (plumbing check)")
   p.add_argument("--repeats", type=int, default=3, help="timed calls per side (alternating)")
   p.add_argument("--attention", default="auto", help="our attention implementation")
-  p.add_argument("--dtype", default="float32", help="compute dtype of the compile part")
+  p.add_argument("--dtype", default="float32",
+                 help="our compute dtype (bfloat16 on accelerators; the torch side stays float32)")
+  p.add_argument("--steps", type=int, default=20, help="generation steps (not with --quick)")
   p.add_argument("--no-torch", action="store_true", help="ours only (no diffusers side)")
   args = p.parse_args()
   if not args.no_torch:
