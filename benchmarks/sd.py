@@ -336,12 +336,19 @@ def main() -> None:
   p.add_argument("--dtype", default="float32",
                  help="our compute dtype (bfloat16 on accelerators; the torch side stays float32)")
   p.add_argument("--steps", type=int, default=20, help="generation steps (not with --quick)")
+  p.add_argument("--torch-threads", type=int, default=0,
+                 help="torch.set_num_threads (0: torch's default). On a loaded machine torch's "
+                      "OpenMP threads wait on each other: compare at 1 thread on both sides "
+                      "(XLA_FLAGS='--xla_cpu_multi_thread_eigen=false "
+                      "intra_op_parallelism_threads=1')")
   p.add_argument("--no-torch", action="store_true", help="ours only (no diffusers side)")
   args = p.parse_args()
   if not args.no_torch:
     import torch
 
     torch.set_grad_enabled(True)
+    if args.torch_threads:
+      torch.set_num_threads(args.torch_threads)
   rng = np.random.default_rng(0)
   for part in args.only.split(","):
     if part not in PARTS:
