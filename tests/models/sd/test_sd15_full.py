@@ -29,7 +29,7 @@ SD15 = dict(
     cross_attention_dim=768, norm_num_groups=32, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0,
     downsample_padding=1, mid_block_scale_factor=1, act_fn="silu")
 # Temp memory of the 1024² (128² latent) forward, batch 2 (a guided step), fp32, blockwise
-# attention: measured 1.0 GiB on CPU (the plain attention's score matrices alone: ~49 GiB).
+# attention: measured 1.02 GiB on CPU (with the plain attention: 17.8 GiB; benchmarks/sd.py).
 TEMP_BOUND_GIB = 1.5
 
 
