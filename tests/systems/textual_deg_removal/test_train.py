@@ -14,7 +14,6 @@ from flax import nnx
 from tests.train.test_train_loop import _trains_saves_resumes
 from uir_jax.systems.textual_deg_removal import train as tdr
 from uir_jax.train import TRAINERS
-from uir_jax.train.loop import NonFiniteLoss
 
 CONFIGS = ["tdr_nafnet_gopro", "tdr_nafnet_ablation", "tdr_restormer_defocus",
            "tdr_promptir_allinone"]
@@ -96,15 +95,8 @@ def test_backbone_and_guidance_module_get_their_own_learning_rates():
         np.testing.assert_allclose(np.abs(step), rate, rtol=1e-4, err_msg=group)
 
 
-# tdr_promptir_allinone:tiny stops with a non-finite loss at step 3 (on the quickstart batches;
-# random batches train finitely, and jax_debug_nans names no primitive): open, see the report.
-_KNOWN_NAN = pytest.mark.xfail(raises=NonFiniteLoss, strict=True,
-                               reason="guided PromptIR :tiny: non-finite loss at step 3")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n if n != "tdr_promptir_allinone" else
-                                  pytest.param(n, marks=_KNOWN_NAN) for n in CONFIGS])
+@pytest.mark.parametrize("name", CONFIGS)
 def test_tiny_config_trains_saves_and_resumes(name, tmp_path, one_device):
   result = _trains_saves_resumes(_config(name), str(tmp_path / "wd"))
   assert np.isfinite(result["eval/psnr_lq"])
