@@ -219,3 +219,92 @@ def shrink_for_tests(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.daclip.checkpoint = "random:tiny"
     c.model.context_dim = 64  # the tiny CLIP's embedding width
   return c
+
+
+# ---- TextualDegRemoval's guided restoration (trainer "tdr") ------------------------------------
+
+def guided_data_config(source: str, **overrides) -> ml_collections.ConfigDict:
+  """`data_config` plus the guided-restoration fields (`input_pipeline.guidance`):
+  guidance_root       a folder of guidance images, one per photo under the photo's key (its path
+                      relative to the photo folder without the extension; `<degradation>/<stem>`
+                      in the ten-task layout), its `<split>/` subfolder if present; photos
+                      without one are skipped and counted
+  synthetic_guidance  > 0: no files, each GT's centre square at this side is its guidance (tests)
+  lq_folder, gt_folder  the "paired" source's folder names under `root/<split>/`
+  """
+  d = data_config(source)
+  d.guidance_root = ""
+  d.synthetic_guidance = 0
+  d.lq_folder = "LQ"
+  d.gt_folder = "GT"
+  d.update(overrides)
+  return d
+
+
+def guided_optimizer_config(lr: float, guidance_lr: float) -> ml_collections.ConfigDict:
+  """The paper's AdamW + cosine with separate initial rates for the backbone (`lr`) and the
+  guidance module (`guidance_lr`); betas, weight decay and the final rate as the released
+  YAMLs (0.9 / 0.999, 1e-4, eta_min 1e-6). No gradient clipping (the YAMLs' 0.01 global norm is
+  not in the paper; set `grad_clip` to use one)."""
+  o = optimizer_config(lr=lr, end_lr=1e-6, b2=0.999, weight_decay=1e-4)
+  o.guidance_lr = guidance_lr
+  return o
+
+
+def guided_nafnet_config(width: int, fusion: str) -> ml_collections.ConfigDict:
+  """The paper's guided NAFNet (`002_nafnet_single_image_motion_deblurring.yml`, spec §1.7 (f)):
+  NAFNet [1, 1, 1, 28] / 1 / [1, 1, 1, 1] of `width`, a matching encoder of the same width with
+  4 residual blocks per level, 2 fusion blocks per encoder level and 1 at the bottleneck;
+  `fusion`: "encoder+bottleneck" (the code) or "encoder+decoder" (the paper's best, Table 10)."""
+  return ml_collections.ConfigDict(dict(
+      arch="nafnet", img_channel=3, width=width, middle_blk_num=1, enc_blk_nums=(1, 1, 1, 28),
+      dec_blk_nums=(1, 1, 1, 1), nf=width, ext_n_blocks=(4, 4, 4, 4),
+      reffusion_n_blocks=(2, 2, 2, 2), reffusion_n_blocks_middle=1, lr_block_size=8,
+      ref_down_block_size=1.5, dilations=(1, 2, 3), fusion=fusion))
+
+
+def guided_restormer_config(arch: str, fusion: str) -> ml_collections.ConfigDict:
+  """The paper's Restormer / PromptIR backbone (suppl.: 8 stages, blocks [4, 6, 6, 8] and 4
+  refinement blocks, width 48, heads [1, 2, 4, 8]; Restormer's GDFN 2.66, bias-free convs,
+  WithBias norms) with a matching encoder of width 48 (4 residual blocks per level) and one
+  fusion block per fusion point (the code's `RestormerRefFusion`)."""
+  m = ml_collections.ConfigDict(dict(
+      arch=arch, inp_channels=3, out_channels=3, dim=48, num_blocks=(4, 6, 6, 8),
+      num_refinement_blocks=4, heads=(1, 2, 4, 8), ffn_expansion_factor=2.66, bias=False,
+      layernorm_type="WithBias", nf=48, ext_n_blocks=(4, 4, 4, 4),
+      reffusion_n_blocks=(1, 1, 1, 1), lr_block_size=8, ref_down_block_size=1.5,
+      dilations=(1, 2, 3), fusion=fusion))
+  if arch == "promptir":  # the released all-in-one prompts
+    m.prompt_dims, m.prompt_sizes, m.prompt_len = (64, 128, 320), (64, 32, 16), 5
+  return m
+
+
+def shrink_guided_restormer(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The tests' guided Restormer / PromptIR: width 8, one block everywhere, small prompts."""
+  m.dim = m.nf = 8
+  m.num_blocks = m.ext_n_blocks = m.reffusion_n_blocks = (1, 1, 1, 1)
+  m.num_refinement_blocks, m.heads = 1, (1, 1, 1, 1)
+  if m.arch == "promptir":
+    m.prompt_dims, m.prompt_sizes, m.prompt_len = (8, 16, 24), (12, 6, 5), 3
+  return m
+
+
+def shrink_guided_nafnet(m: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The tests' guided NAFNet: width 8, one block everywhere."""
+  m.width = m.nf = 8
+  m.enc_blk_nums = m.dec_blk_nums = m.ext_n_blocks = m.reffusion_n_blocks = (1, 1, 1, 1)
+  m.middle_blk_num = m.reffusion_n_blocks_middle = 1
+  return m
+
+
+def shrink_guided_for_tests(c: ml_collections.ConfigDict,
+                            tasks: tuple = ()) -> ml_collections.ConfigDict:
+  """The `:tiny` part of every tdr config: `shrink_for_tests` on the embedded photos (two held
+  out for evaluation), synthetic guidance and the degradation `tasks` ((name, chain spec), ...)
+  on the fly; each config shrinks its own network."""
+  shrink_for_tests(c)
+  c.data.holdout = QUICKSTART_HOLDOUT
+  c.data.synthetic_guidance = 128
+  c.data.guidance_root = ""
+  c.data.tasks = tasks
+  return c

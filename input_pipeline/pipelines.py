@@ -26,7 +26,9 @@ Batches are numpy dicts: "lq", "gt" float32 [B, P, P, 3] in [0, 1]; "words" bool
 the on-the-fly degradation added, over `degradations.DEGRADATION_WORDS`; all False for paired
 data); "label" int32 [B] (index into `readers.DEGRADATIONS`, -1 if none); "caption",
 "degradation" bytes [B]; "index" int64 [B] (global example index); "mask" bool [B] (eval only);
-"clip_lq" float32 [B, 224, 224, 3] (when asked).
+"clip_lq" float32 [B, 224, 224, 3] (when asked); "guidance" float32 [B, P, P, 3] for guided
+sources (or `synthetic_guidance`): the guidance region matching the crop, with the crop's flips
+(the rule: `input_pipeline.guidance`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from input_pipeline import degradations, image_io, readers, registry
+from input_pipeline import guidance as guidance_crops
 
 # TF must not claim accelerator memory that JAX needs.
 try:
@@ -209,6 +212,9 @@ class PipelineOptions:
   # How the CLIP views are made: "resize" (the reference's clip_transform of the whole patch) or
   # "crop" (its centre clip_size crop at full resolution; `clip_crop`).
   clip_view: str = "resize"
+  # Guided restoration: > 0 makes each example's "guidance" from its GT (its centre square at
+  # this side, `guidance.synthetic_guidance`) for sources without guidance files.
+  synthetic_guidance: int = 0
 
 
 def _example_fn(source: readers.Source, opts: PipelineOptions, seed: int, train: bool):
@@ -218,6 +224,7 @@ def _example_fn(source: readers.Source, opts: PipelineOptions, seed: int, train:
            if not source.paired and not opts.tasks else None)
   task_names = tf.constant([name for name, _ in opts.tasks]) if opts.tasks else None
   task_chains = [registry.get_pipeline(spec) for _, spec in opts.tasks]
+  guided = source.guided or opts.synthetic_guidance > 0
 
   def degrade(gt, seed):
     """(lq, words, degradation text, label) of an unpaired example."""
@@ -233,14 +240,26 @@ def _example_fn(source: readers.Source, opts: PipelineOptions, seed: int, train:
     s = example_seed(seed, gidx)
     ex = source.load(item)
     images = [ex["gt"], ex["lq"]] if source.paired else [ex["gt"]]
+    photo_hw = (tf.shape(images[0])[0], tf.shape(images[0])[1])
     images = image_io.pad_to_min_size(images, p)
+    if guided:  # the same box of LQ, GT and the guidance (`input_pipeline.guidance`)
+      g = (ex["guidance"] if source.guided
+           else guidance_crops.synthetic_guidance(ex["gt"], opts.synthetic_guidance))
+      y, x = guidance_crops.crop_offsets(
+          photo_hw, (tf.shape(g)[0], tf.shape(g)[1]), p,
+          padded_hw=(tf.shape(images[0])[0], tf.shape(images[0])[1]),
+          seed=_sub(s, _CROP) if train else None)
+      images = [im[y:y + p, x:x + p] for im in images]
+      images.append(guidance_crops.sample_region(g, photo_hw, y, x, p))
     if train:
-      images = random_crop(images, p, _sub(s, _CROP))
+      if not guided:
+        images = random_crop(images, p, _sub(s, _CROP))
       images = random_dihedral(images, _sub(s, _FLIP), use_flip=opts.use_flip,
                                use_rot=opts.use_rot)
-    else:
+    elif not guided:
       images = center_crop(images, p)
     images = [tf.ensure_shape(x, [p, p, 3]) for x in images]
+    guidance = images.pop() if guided else None
     gt = images[0]
     if source.paired:
       lq, words, degradation = images[1], degradations.no_words(), ex["degradation"]
@@ -259,6 +278,8 @@ def _example_fn(source: readers.Source, opts: PipelineOptions, seed: int, train:
       out["clip_lq"] = view(lq, opts.clip_size)
     if opts.clip_gt:
       out["clip_gt"] = view(gt, opts.clip_size)
+    if guided:
+      out["guidance"] = guidance
     return out
 
   return fn
@@ -341,7 +362,8 @@ def options_from_config(cfg) -> PipelineOptions:
       chain=registry.plain_spec(get("chain", "wild")), clip_gt=bool(get("clip_gt", False)),
       clip_size=int(get("clip_size", CLIP_SIZE)), clip_view=str(get("clip_view", "resize")),
       tasks=tuple((str(name), registry.plain_spec(spec))
-                  for name, spec in registry.plain_spec(get("tasks", ()) or ())))
+                  for name, spec in registry.plain_spec(get("tasks", ()) or ())),
+      synthetic_guidance=int(get("synthetic_guidance", 0) or 0))
 
 
 def from_config(cfg: Any, *, batch_size: int, seed: int, train: bool, start_step: int = 0,

@@ -17,6 +17,12 @@ Sources (spec §3, §8.1; wild paper §3.2):
   work (the reference's `split(': ')` raised on them). The GT is found by replacing the LQ
   path's last `LQ` folder with `GT`; without one, GT = LQ and the count is logged.
 * `folder_source`: any folder of clean images (recursive), degraded on the fly (wild-IR's MDGT).
+* `paired_source`: LQ and GT folders (`root/<split>/{LQ,GT}`, any folder names, nested), paired
+  by relative path without the extension (GoPro, DPDD).
+
+Every source but the CSV takes an optional guidance folder (guided restoration,
+`input_pipeline.guidance`): one image per photo under the same key; its "guidance" image joins
+each item, and photos without one are skipped and counted ("no_guidance").
 * `quickstart_source`: scikit-image's bundled colour photos with our captions
   (`data/quickstart_captions.json`), degraded on the fly; no download needed.
 
@@ -38,6 +44,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from input_pipeline import guidance as guidance_files
 from input_pipeline import image_io
 
 # The ten degradation names (spec §3.2) and the file pairing are shared with uir_jax.evaluate.
@@ -61,6 +68,8 @@ class Source:
     sample: graph fn, (int64 example index, int32[2] seed) -> int64 item, for training.
     eval_items: item order for evaluation (int64 [num_items]).
     counts: what the validation pass found (see `image_io.scan_images`), plus reader counts.
+    guided: True if `load` also returns a "guidance" image (float32 [Hg, Wg, 3]) per item
+      (`input_pipeline.guidance`).
   """
 
   name: str
@@ -70,6 +79,7 @@ class Source:
   sample: Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
   eval_items: np.ndarray
   counts: collections.Counter
+  guided: bool = False
 
 
 # --- Samplers. ------------------------------------------------------------------------------------
@@ -155,21 +165,40 @@ def _label_of(degradation: str) -> int:
   return DEGRADATIONS.index(degradation) if degradation in DEGRADATIONS else -1
 
 
+def _with_guidance(keys: Sequence[str], guidance_dir: str, *, name: str, validate: bool
+                   ) -> tuple[list[int], list[str] | None, collections.Counter]:
+  """(indices of the items that have a guidance image, their guidance paths, counts); with no
+  `guidance_dir`: every item, None, no counts. Photos without guidance are skipped and counted
+  (`guidance.match_guidance`); none at all is an error."""
+  if not guidance_dir:
+    return list(range(len(keys))), None, collections.Counter()
+  paths, counts = guidance_files.match_guidance(keys, guidance_dir, name=name, validate=validate)
+  keep = [i for i, p in enumerate(paths) if p is not None]
+  if not keep:
+    raise ValueError(f"{name}: none of its {len(keys)} photo(s) has a guidance image in "
+                     f"{guidance_dir} (looked up by {keys[0]!r} and the like, any extension)")
+  return keep, [paths[i] for i in keep], counts
+
+
 def _unpaired_source(name: str, paths: Sequence[str], captions: Sequence[str], *, min_size: int,
-                     validate: bool, memory_budget: int = 0) -> Source:
-  """Clean images (GT only), degraded on the fly by the pipeline.
+                     validate: bool, memory_budget: int = 0,
+                     guidance: Sequence[str] | None = None) -> Source:
+  """Clean images (GT only), degraded on the fly by the pipeline; `guidance`: one guidance image
+  path per image, or None.
 
   When the scan shows the decoded 8-bit images fit in `memory_budget` bytes, they are decoded once
   and kept in memory (one flat uint8 tensor), so training skips the per-example decode of a
   full-size image for a small crop (the quickstart photos take ~35 MB).
   """
   paths, captions = list(paths), list(captions)
+  guidance = list(guidance) if guidance is not None else None
   infos = None
   if validate:
     scan = image_io.scan_images(paths, min_size=min_size, name=name)
     keep = [i for i, info in enumerate(scan.infos) if info is not None]
     paths, captions, counts = [paths[i] for i in keep], [captions[i] for i in keep], scan.counts
     infos = [scan.infos[i] for i in keep]
+    guidance = [guidance[i] for i in keep] if guidance is not None else None
   else:
     counts = collections.Counter(ok=len(paths))
   if not paths:
@@ -191,12 +220,17 @@ def _unpaired_source(name: str, paths: Sequence[str], captions: Sequence[str], *
     path_t = tf.constant(paths)
     read = lambda item: image_io.read_image(tf.gather(path_t, item))
 
+  guidance_t = tf.constant(guidance) if guidance is not None else None
+
   def load(item):
-    return {"gt": read(item), "label": tf.constant(-1), "caption": tf.gather(caption_t, item),
-            "degradation": tf.constant("")}
+    out = {"gt": read(item), "label": tf.constant(-1), "caption": tf.gather(caption_t, item),
+           "degradation": tf.constant("")}
+    if guidance_t is not None:
+      out["guidance"] = image_io.read_image(tf.gather(guidance_t, item))
+    return out
 
   return Source(name, len(paths), False, load, epoch_sampler(len(paths)),
-                np.arange(len(paths), dtype=np.int64), counts)
+                np.arange(len(paths), dtype=np.int64), counts, guided=guidance is not None)
 
 
 def validate_pairs(lq: Sequence[str], gt: Sequence[str], *, min_size: int = 0,
@@ -236,11 +270,13 @@ def validate_pairs(lq: Sequence[str], gt: Sequence[str], *, min_size: int = 0,
 def _paired_source(name: str, lq: Sequence[str], gt: Sequence[str], labels: Sequence[int],
                    captions: Sequence[str], degradations: Sequence[str], *, min_size: int,
                    validate: bool, sampler_for: Callable[[list[int]], Callable],
-                   eval_order_for: Callable[[list[int]], np.ndarray]) -> Source:
+                   eval_order_for: Callable[[list[int]], np.ndarray],
+                   guidance: Sequence[str] | None = None) -> Source:
   """LQ/GT pairs; pairs with an undecodable file or unequal LQ/GT sizes are skipped and counted.
 
   `sampler_for(keep)` / `eval_order_for(keep)` build the sampler and eval order from the indices
-  of the pairs that survived the scan (kept in their original order).
+  of the pairs that survived the scan (kept in their original order). `guidance`: one guidance
+  image path per pair, or None.
   """
   keep, counts = validate_pairs(lq, gt, min_size=min_size, name=name, validate=validate)
   if not keep:
@@ -248,6 +284,7 @@ def _paired_source(name: str, lq: Sequence[str], gt: Sequence[str], labels: Sequ
   take = lambda xs: tf.constant([xs[i] for i in keep])
   lq_t, gt_t, label_t = take(lq), take(gt), tf.constant([int(labels[i]) for i in keep], tf.int32)
   caption_t, deg_t = take(captions), take(degradations)
+  guidance_t = take(guidance) if guidance is not None else None
 
   def load(item):
     out = {"lq": image_io.read_image(tf.gather(lq_t, item))}
@@ -255,9 +292,12 @@ def _paired_source(name: str, lq: Sequence[str], gt: Sequence[str], labels: Sequ
     out["gt"] = image_io.read_image(gt_path)
     out.update(label=tf.gather(label_t, item), caption=tf.gather(caption_t, item),
                degradation=tf.gather(deg_t, item))
+    if guidance_t is not None:
+      out["guidance"] = image_io.read_image(tf.gather(guidance_t, item))
     return out
 
-  return Source(name, len(keep), True, load, sampler_for(keep), eval_order_for(keep), counts)
+  return Source(name, len(keep), True, load, sampler_for(keep), eval_order_for(keep), counts,
+                guided=guidance is not None)
 
 
 # --- (a) The ten-task layout. ---------------------------------------------------------------------
@@ -270,8 +310,12 @@ def resolve_split_dir(root: str, split: str) -> str:
 
 
 def universal_source(root: str, split: str = "train", *, min_size: int = 0, validate: bool = True,
-                     match_names: bool = True) -> Source:
-  """The ten-task set (spec §3.1): class-balanced sampling for training, interleaved for eval."""
+                     match_names: bool = True, guidance_dir: str = "") -> Source:
+  """The ten-task set (spec §3.1): class-balanced sampling for training, interleaved for eval.
+
+  `guidance_dir`: guidance images keyed `<degradation>/<LQ file stem>` (`input_pipeline.guidance`);
+  pairs without one are skipped and counted.
+  """
   split_dir = resolve_split_dir(root, split)
   pairs = list_universal_pairs(split_dir, match_names=match_names)
   lq, gt, labels, degs, cls = [], [], [], [], []
@@ -282,14 +326,60 @@ def universal_source(root: str, split: str = "train", *, min_size: int = 0, vali
       labels.append(_label_of(deg))
       degs.append(deg)
       cls.append(c)
+  name = f"universal:{split_dir}"
+  keys = [f"{d}/{os.path.splitext(os.path.basename(a))[0]}" for d, a in zip(degs, lq, strict=True)]
+  has, guidance, guidance_counts = _with_guidance(keys, guidance_dir, name=name, validate=validate)
+  lq, gt, labels, degs, cls = ([xs[i] for i in has] for xs in (lq, gt, labels, degs, cls))
 
   def class_sizes(keep):
     return np.bincount(np.asarray(cls, np.int64)[keep], minlength=len(pairs)).tolist()
 
-  return _paired_source(f"universal:{split_dir}", lq, gt, labels, [""] * len(lq), degs,
-                        min_size=min_size, validate=validate,
-                        sampler_for=lambda keep: balanced_sampler(class_sizes(keep)),
-                        eval_order_for=lambda keep: interleave_classes(class_sizes(keep)))
+  source = _paired_source(name, lq, gt, labels, [""] * len(lq), degs,
+                          min_size=min_size, validate=validate,
+                          sampler_for=lambda keep: balanced_sampler(class_sizes(keep)),
+                          eval_order_for=lambda keep: interleave_classes(class_sizes(keep)),
+                          guidance=guidance)
+  source.counts.update(guidance_counts)
+  return source
+
+
+def paired_source(root: str, split: str = "train", *, lq_folder: str = "LQ",
+                  gt_folder: str = "GT", min_size: int = 0, validate: bool = True,
+                  guidance_dir: str = "") -> Source:
+  """LQ/GT folders `root/<split>/<lq_folder>` and `.../<gt_folder>` (or `root/<lq_folder>` when
+  there is no split folder), searched recursively and paired by relative path without the
+  extension (GoPro's `blur/<sequence>/<frame>` with `sharp/<sequence>/<frame>`). LQ images
+  without a GT are skipped and counted ("no_gt"). `guidance_dir`: guidance images under the same
+  keys; pairs without one are skipped and counted."""
+  split_dir = resolve_split_dir(root, split)
+  lq_dir, gt_dir = os.path.join(split_dir, lq_folder), os.path.join(split_dir, gt_folder)
+  for d in (lq_dir, gt_dir):
+    if not os.path.isdir(d):
+      raise ValueError(f"paired data: folder {d!r} does not exist (expected "
+                       f"<root>/<split>/{{{lq_folder},{gt_folder}}})")
+  gts = {guidance_files.photo_key(p, gt_dir): p for p in image_io.list_images(gt_dir)}
+  lqs = image_io.list_images(lq_dir)
+  keys = [guidance_files.photo_key(p, lq_dir) for p in lqs]
+  has_gt = [i for i, k in enumerate(keys) if k in gts]
+  name = f"paired:{split_dir}"
+  if len(has_gt) < len(lqs):
+    logging.warning("%s: skipped %d LQ image(s) without a GT of the same name in %s, e.g. %r",
+                    name, len(lqs) - len(has_gt), gt_dir,
+                    next(k for k in keys if k not in gts))
+  if not has_gt:
+    raise ValueError(f"{name}: no LQ image in {lq_dir} has a GT of the same name in {gt_dir}")
+  keys = [keys[i] for i in has_gt]
+  has, guidance, guidance_counts = _with_guidance(keys, guidance_dir, name=name, validate=validate)
+  lq = [lqs[has_gt[i]] for i in has]
+  gt = [gts[keys[i]] for i in has]
+  n = len(lq)
+  source = _paired_source(name, lq, gt, [-1] * n, [""] * n, [""] * n, min_size=min_size,
+                          validate=validate, sampler_for=lambda keep: epoch_sampler(len(keep)),
+                          eval_order_for=lambda keep: np.arange(len(keep), dtype=np.int64),
+                          guidance=guidance)
+  source.counts.update(guidance_counts)
+  source.counts["no_gt"] = len(lqs) - len(has_gt)
+  return source
 
 
 # --- (b) DA-CLIP caption CSV. ---------------------------------------------------------------------
@@ -367,12 +457,14 @@ def csv_source(csv_path: str, *, min_size: int = 0, validate: bool = True,
 
 
 def folder_source(root: str, *, min_size: int = 0, validate: bool = True,
-                  memory_budget: int = 256 << 20, captions: str = "") -> Source:
+                  memory_budget: int = 256 << 20, captions: str = "",
+                  guidance_dir: str = "") -> Source:
   """Every image under `root` (recursive, sorted), degraded on the fly.
 
   Folders whose decoded images fit in `memory_budget` bytes are held in memory. `captions`: an
   optional JSON file {path relative to root: caption} (DA-CLIP training of clean photos; images
-  without an entry get the empty caption).
+  without an entry get the empty caption). `guidance_dir`: guidance images keyed by the path
+  relative to `root` without the extension; images without one are skipped and counted.
   """
   paths = image_io.list_images(root)
   if not paths:
@@ -385,8 +477,14 @@ def folder_source(root: str, *, min_size: int = 0, validate: bool = True,
       raise ValueError(f"{captions}: expected a JSON object {{relative path: caption}}")
     texts = [str(table.get(os.path.relpath(p, root), "")) for p in paths]
     logging.info("%s: captions for %d of %d images", captions, sum(map(bool, texts)), len(paths))
-  return _unpaired_source(f"folder:{root}", paths, texts, min_size=min_size,
-                          validate=validate, memory_budget=memory_budget)
+  name = f"folder:{root}"
+  keys = [guidance_files.photo_key(p, root) for p in paths]
+  has, guidance, guidance_counts = _with_guidance(keys, guidance_dir, name=name, validate=validate)
+  source = _unpaired_source(name, [paths[i] for i in has], [texts[i] for i in has],
+                            min_size=min_size, validate=validate, memory_budget=memory_budget,
+                            guidance=guidance)
+  source.counts.update(guidance_counts)
+  return source
 
 
 # --- (e) The embedded quickstart photos. ----------------------------------------------------------
@@ -404,11 +502,13 @@ def quickstart_entries() -> list[dict]:
 
 
 def quickstart_source(*, min_size: int = 0, validate: bool = True,
-                      holdout: Sequence[str] = (), train: bool = True) -> Source:
+                      holdout: Sequence[str] = (), train: bool = True,
+                      guidance_dir: str = "") -> Source:
   """scikit-image's bundled colour photos with our captions, degraded on the fly.
 
   holdout: names of photos that form the evaluation split (`train=False`) while the others form
   the training split, so evaluation sees photos training never did; () = every photo in both.
+  guidance_dir: guidance images keyed by the photos' names ("astronaut.png", ...).
   """
   entries = quickstart_entries()
   names = [e["name"] for e in entries]
@@ -418,24 +518,39 @@ def quickstart_source(*, min_size: int = 0, validate: bool = True,
                      f"{list(holdout)}")
   if holdout:
     entries = [e for e in entries if (e["name"] in holdout) != train]
-  return _unpaired_source("quickstart", [e["path"] for e in entries],
-                          [e["caption"] for e in entries], min_size=min_size, validate=validate,
-                          memory_budget=256 << 20)
+  has, guidance, guidance_counts = _with_guidance([e["name"] for e in entries], guidance_dir,
+                                                  name="quickstart", validate=validate)
+  entries = [entries[i] for i in has]
+  source = _unpaired_source("quickstart", [e["path"] for e in entries],
+                            [e["caption"] for e in entries], min_size=min_size, validate=validate,
+                            memory_budget=256 << 20, guidance=guidance)
+  source.counts.update(guidance_counts)
+  return source
 
 
 # --- From a config. -------------------------------------------------------------------------------
 
 
 def source_from_config(cfg, *, train: bool) -> Source:
-  """Builds the Source named by `cfg.source` ("quickstart" | "folder" | "universal" | "csv").
+  """Builds the Source named by `cfg.source` ("quickstart" | "folder" | "universal" | "paired" |
+  "csv").
 
   Keys: `patch_size` (counts small images), `validate` (default True), `root` (folder,
-  universal), `csv_path` (csv; `val_csv_path` for evaluation if given), `split` / `val_split`
-  (universal; default "train" / "val"), `match_names` (universal, default True).
+  universal, paired), `csv_path` (csv; `val_csv_path` for evaluation if given), `split` /
+  `val_split` (universal, paired; default "train" / "val"), `match_names` (universal, default
+  True), `lq_folder` / `gt_folder` (paired; default "LQ" / "GT"), `guidance_root` (every source
+  but csv: a folder of guidance images, its `<split>/` subfolder if present; see
+  `input_pipeline.guidance`).
   """
   get = cfg.get
   min_size, validate = int(get("patch_size", 0) or 0), bool(get("validate", True))
   kind = cfg.source
+  split = get("split", "train") if train else get("val_split", "val")
+  guidance_root = get("guidance_root", "") or ""
+  guidance_dir = guidance_files.split_folder(guidance_root, split) if guidance_root else ""
+  if guidance_dir and kind == "csv":
+    raise ValueError("data.guidance_root is not supported with the csv source (use folder, "
+                     "universal, paired or quickstart)")
 
   def need(key):
     value = get(key, None)
@@ -445,17 +560,23 @@ def source_from_config(cfg, *, train: bool) -> Source:
 
   if kind == "quickstart":
     return quickstart_source(min_size=min_size, validate=validate,
-                             holdout=tuple(get("holdout", ()) or ()), train=train)
+                             holdout=tuple(get("holdout", ()) or ()), train=train,
+                             guidance_dir=guidance_dir)
   if kind == "folder":
     root = get("val_root", None) if not train else None
     return folder_source(root or need("root"), min_size=min_size, validate=validate,
                          memory_budget=int(get("memory_budget", 256 << 20)),
-                         captions=get("captions", "") or "")
+                         captions=get("captions", "") or "", guidance_dir=guidance_dir)
   if kind == "universal":
-    split = get("split", "train") if train else get("val_split", "val")
     return universal_source(need("root"), split, min_size=min_size, validate=validate,
-                            match_names=bool(get("match_names", True)))
+                            match_names=bool(get("match_names", True)),
+                            guidance_dir=guidance_dir)
+  if kind == "paired":
+    return paired_source(need("root"), split, lq_folder=get("lq_folder", "LQ") or "LQ",
+                         gt_folder=get("gt_folder", "GT") or "GT", min_size=min_size,
+                         validate=validate, guidance_dir=guidance_dir)
   if kind == "csv":
     path = get("val_csv_path", None) if not train else None
     return csv_source(path or need("csv_path"), min_size=min_size, validate=validate)
-  raise ValueError(f"unknown data source {kind!r}; expected quickstart, folder, universal or csv")
+  raise ValueError(f"unknown data source {kind!r}; expected quickstart, folder, universal, paired "
+                   "or csv")

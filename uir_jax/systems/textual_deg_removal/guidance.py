@@ -134,8 +134,14 @@ def geometry(lq_hw: tuple[int, int], ref_hw: tuple[int, int], *, lr_block_size: 
 
 
 def _normalize(t: Array) -> Array:
-  """F.normalize over the last axis: t / max(||t||, 1e-12)."""
-  return t / jnp.maximum(jnp.sqrt(jnp.sum(t * t, axis=-1, keepdims=True)), 1e-12)
+  """F.normalize over the last axis: t / max(||t||, 1e-12).
+
+  Vectors of norm <= 1e-12 (the zero padding's features: exactly zero while the biases are) get
+  no gradient: sqrt's derivative at 0 made it 0 · inf = NaN (a tiny run diverged at step 3), and
+  PyTorch's 1 / 1e-12 would swamp Adam's moments; elsewhere the gradient is F.normalize's."""
+  sq = jnp.sum(t * t, axis=-1, keepdims=True)
+  ok = sq > 1e-24
+  return jnp.where(ok, t * jax.lax.rsqrt(jnp.where(ok, sq, 1.0)), jax.lax.stop_gradient(t * 1e12))
 
 
 def _patches3x3(x: Array, dilation: int = 1) -> Array:
