@@ -22,6 +22,11 @@
 #   input_pipeline  degraded 256² examples/s per core on the host CPU: tf.data when TensorFlow is
 #                 installed (the GPU image has none), else the NumPy/OpenCV reference only
 #                 (benchmarks/input_pipeline.py)
+#   sd_unet_vae   SD-1.5 UNet forward (64² latent) and SD VAE decode (512²), bf16, ours only
+#                 (benchmarks/sd.py; the diffusers comparison is the CPU run's)
+#   sd_compile    SD-1.5 UNet forward at 1024² (128² latent, batch 2) compiled: temp memory with
+#                 "auto" attention (cuDNN flash in bf16) and the plain one
+#   sd_generate   20-step DDIM text-to-image at 512² with guidance, one jitted scan, bf16
 #   then, while the budget lasts: restore and daclip in the other dtype (bf16).
 # Steps the budget cut are listed as skipped; a second call with DEVICE_ONLY=<their prefixes> takes
 # them (on the device tool each call gets a fresh $OUT: keep both calls' files).
@@ -165,14 +170,16 @@ if [ "$SMOKE" = 1 ]; then
   ATTN=(--batch 1 --tokens 64 --repeats 2 --size 32 --nf 8 --ch-mult 1,2)
   DACLIP=(--model tiny --batch 4 --steps 1 --warmup 1)
   PIPE=(--num-examples 8 --warmup 2 --pool-size 4 --no-clip)
-  T_TRAIN=240 T_RESTORE=240 T_ATTN=180 T_DACLIP=120 T_PIPE=180
+  SD=(--quick --no-torch --repeats 1)
+  T_TRAIN=240 T_RESTORE=240 T_ATTN=180 T_DACLIP=120 T_PIPE=180 T_SD=300
 else
   TRAIN=(--batch 16 --size 256 --steps 10)
   RESTORE=(--size 256 --steps 100 10 --repeats 1)
   ATTN=()
   DACLIP=(--model ViT-B-32 --batch 64 --steps 5 --warmup 2)
   PIPE=(--num-examples 128 --warmup 16)
-  T_TRAIN=110 T_RESTORE=120 T_ATTN=90 T_DACLIP=75 T_PIPE=60
+  SD=(--no-torch --repeats 5)
+  T_TRAIN=110 T_RESTORE=120 T_ATTN=90 T_DACLIP=75 T_PIPE=60 T_SD=90
 fi
 
 step env 60 "$PY" -c '
@@ -222,6 +229,10 @@ else
     "TensorFlow is not installed on this machine"
 fi
 
+step sd_unet_vae "$T_SD" "$PY" $B/sd.py --only unet,vae --dtype bfloat16 "${SD[@]}"
+step sd_compile "$T_SD" "$PY" $B/sd.py --only compile --dtype bfloat16 "${SD[@]}"
+step sd_generate "$T_SD" "$PY" $B/sd.py --only generate --dtype bfloat16 "${SD[@]}"
+
 # Extras, while the budget lasts: the same figures in the other dtype.
 step restore_bfloat16 "$T_RESTORE" "$PY" $B/unet.py --only restore --dtypes bfloat16 "${RESTORE[@]}"
 step daclip_bfloat16 "$T_DACLIP" "$PY" $B/daclip.py --dtype bfloat16 "${DACLIP[@]}"
@@ -248,7 +259,8 @@ for r in recs:
     print(f"{r['step']:18} {r.get('name')}  {what}  SKIPPED: {r['skipped'][:120]}")
     continue
   extra = "".join(f"  {k}={r[k]}" for k in ("mfu", "step_ms", "compile_s", "ms_per_call",
-                                             "max_abs_diff_vs_float32") if r.get(k) is not None)
+                                             "max_abs_diff_vs_float32", "ours_s", "temp_gib")
+                  if r.get(k) is not None)
   print(f"{r['step']:18} {r.get('name')}  {what}  {r.get('value')} {r.get('unit')}{extra}")
 last = {r["step"]: r["status"] for r in recs if r.get("name") == "device.sh/step"}  # reruns win
 failed = [step for step, status in last.items() if status in ("failed", "timeout")]

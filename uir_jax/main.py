@@ -15,6 +15,9 @@ r"""The `uir-jax` command.
                [--limit 100] [--lpips lpips_alex.pth] [--dists vgg16.pth] [--fid pt_inception.pth]
                [--niqe] [--output_dir OUT]
   uir-jax eval --restored OTHER_METHOD_DIR --data datasets/universal/val [metric flags]
+  uir-jax generate --sd SD_DIR --prompt "a photo of a cat" [--negative "blurry"] [--num_steps 20]
+                   [--sampler ddim|dpm++2m|unipc] [--guidance_scale 7.5] [--seed 0]
+                   [--height 512 --width 512] [--batch 4] --output_dir OUT
 
 PyTorch checkpoints (.pt/.pth/.bin) are read as data only (tensors, numpy scalars): a file whose
 pickle asks for anything else is refused, naming it. --trust_checkpoint loads it anyway, which RUNS
@@ -35,6 +38,9 @@ Commands:
             writes OUT/results.{json,md,csv} (and the restored PNGs).
   convert   rewrite a PyTorch checkpoint as a .safetensors state_dict (checked by loading it), so
             restoring needs no torch afterwards.
+  generate  Stable Diffusion 1.x / 2.x text-to-image from a diffusers pipeline folder (or a repo
+            id in the local Hugging Face cache); writes OUT/<seed>_<i>.png and a .json of the
+            settings beside each.
 """
 
 from __future__ import annotations
@@ -44,13 +50,13 @@ import sys
 
 from absl import app
 
-from uir_jax.cli import common, convert, eval, export, restore, train  # noqa: A004 - flags
+from uir_jax.cli import common, convert, eval, export, generate, restore, train  # noqa: A004
 
 FLAGS = common.FLAGS
 
 # The dispatch table: command -> its module's main(argv) (uir_jax/cli/<command>.py).
 COMMANDS = {"train": train.main, "restore": restore.main, "eval": eval.main,
-            "convert": convert.main, "export": export.main}
+            "convert": convert.main, "export": export.main, "generate": generate.main}
 
 
 def run(argv: list[str] | None = None) -> None:

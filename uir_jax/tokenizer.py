@@ -12,6 +12,11 @@ The vocabulary comes from, in order:
   * the merges file shipped inside an installed `open_clip_torch` (found without importing it, since
     importing open_clip imports torch).
 
+`load_hf_tokenizer(folder)` instead gives transformers' `CLIPTokenizer` ids (`HFTokenizer`), as
+Stable Diffusion pipelines tokenize: NFC + whitespace collapse + lower-case (no ftfy, no HTML
+unescape), the special tokens (bos, eos, unk, pad) split out of the raw text first, `[BOS, tokens,
+EOS]` padded with the folder's pad token (SD 1.x: "<|endoftext|>"; SD 2.x: "!", id 0).
+
 Attributes:
   SOT_TOKEN, EOT_TOKEN: ids of the start/end-of-text tokens in the CLIP vocabulary.
   DEFAULT_CONTEXT_LENGTH: 77, the context of every CLIP text tower.
@@ -25,7 +30,11 @@ import html
 import importlib.util
 import json
 import os
+import re
+import unicodedata
+import warnings
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import ftfy
 import numpy as np
@@ -206,6 +215,149 @@ def _from_hf_dir(path: str) -> Tokenizer:
     else:
       raise ValueError(f"{path}/vocab.json has no {hf_name!r} entry; is it a CLIP tokenizer?")
   return Tokenizer(encoder, merges, *specials)
+
+
+class HFTokenizer(Tokenizer):
+  """transformers' `CLIPTokenizer` (the tokenizers-backed one of transformers 5) without it.
+
+  `tokenizer(texts)` equals `CLIPTokenizer(texts, padding="max_length", max_length=77,
+  truncation=True).input_ids`: per text, the special-token strings are split out of the raw text
+  (case-sensitive, leftmost-longest), each remaining piece is NFC-normalised, its whitespace runs
+  collapsed to one space and lower-cased, then split by CLIP's regex and byte-level BPE'd;
+  symbols missing from the vocabulary become `unk_id`. Rows are `[bos, tokens[:L - 2], eos]`
+  padded with `pad_id`.
+
+  Args:
+    encoder, merges: as `Tokenizer` (the vocabulary without the special tokens is fine).
+    specials: special-token string -> id (bos, eos, unk, pad and any added tokens).
+    bos, eos, pad, unk: the special token strings (keys of `specials` or of `encoder`).
+    model_max_length: default row length (77).
+  """
+
+  def __init__(self, encoder: dict[str, int], merges: Sequence[tuple[str, str]],
+               specials: dict[str, int], *, bos: str, eos: str, pad: str, unk: str,
+               model_max_length: int = DEFAULT_CONTEXT_LENGTH):
+    ids = {**encoder, **specials}
+    for role, name in (("bos", bos), ("eos", eos), ("pad", pad), ("unk", unk)):
+      if name not in ids:
+        raise ValueError(f"{role} token {name!r} is not in the vocabulary")
+    super().__init__(encoder, merges, ids[bos], ids[eos])
+    self.pad_id, self.unk_id = ids[pad], ids[unk]
+    self.pad_token = pad
+    self.model_max_length = int(model_max_length)
+    self._specials = {}  # pieces never match special strings: those are split out beforehand
+    self._added = {name: ids[name] for name in {*specials, bos, eos, pad, unk}}
+    alternatives = sorted(self._added, key=len, reverse=True)  # leftmost-longest
+    self._split = re.compile("|".join(re.escape(a) for a in alternatives))
+    words = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+    self._pattern = regex.compile(words)
+
+  def _word_ids(self, word: str) -> tuple[int, ...]:
+    ids = self._cache.get(word)
+    if ids is None:
+      encoded = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+      ids = tuple(self.encoder.get(s, self.unk_id) for s in self._bpe(encoded))
+      self._cache[word] = ids
+    return ids
+
+  def _segment(self, text: str) -> list[int]:
+    text = re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).lower()
+    ids = []
+    for word in self._pattern.findall(text):
+      ids.extend(self._word_ids(word))
+    return ids
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of one text, without the bos/eos added around it."""
+    ids, start = [], 0
+    for m in self._split.finditer(text):
+      ids += self._segment(text[start:m.start()])
+      ids.append(self._added[m.group()])
+      start = m.end()
+    return ids + self._segment(text[start:])
+
+  def __call__(self, texts: str | Sequence[str], context_length: int | None = None, *,
+               warn: bool = True) -> np.ndarray:
+    """int32 [N, context_length (default model_max_length)]; a text longer than the row is
+    truncated (as transformers) with a warning naming its length, if `warn`."""
+    if isinstance(texts, str):
+      texts = [texts]
+    length = self.model_max_length if context_length is None else int(context_length)
+    if length < 2:
+      raise ValueError(f"context_length must be >= 2, got {length}")
+    out = np.full((len(texts), length), self.pad_id, np.int32)
+    for i, text in enumerate(texts):
+      if not isinstance(text, str):
+        raise ValueError(f"tokenizer expects str or a list of str; item {i} is "
+                         f"{type(text).__name__}")
+      tokens = self.encode(text)
+      if len(tokens) + 2 > length:
+        if warn:
+          kept = self.decode(tokens[:length - 2])
+          warnings.warn(f"prompt {i} is {len(tokens) + 2} tokens long; CLIP takes {length}: "
+                        f"truncated to {kept!r}", stacklevel=2)
+        tokens = tokens[:length - 2]
+      row = [self.sot_id, *tokens, self.eot_id]
+      out[i, :len(row)] = row
+    return out
+
+
+def _token_name(value: Any) -> str | None:
+  """A special token entry of tokenizer_config.json: a string or {"content": ...}."""
+  return value.get("content") if isinstance(value, dict) else value
+
+
+def load_hf_tokenizer(path: str | os.PathLike) -> HFTokenizer:
+  """transformers' CLIPTokenizer from a tokenizer folder (or a diffusers pipeline folder holding
+  `tokenizer/`): `vocab.json` + `merges.txt` or `tokenizer.json`; the special tokens and
+  `model_max_length` from `tokenizer_config.json` / `special_tokens_map.json` (transformers'
+  defaults "<|startoftext|>", "<|endoftext|>" when absent)."""
+  folder = os.fspath(path)
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"CLIP tokenizer: no such folder: {folder}")
+  if os.path.isdir(os.path.join(folder, "tokenizer")):
+    folder = os.path.join(folder, "tokenizer")
+  join = lambda name: os.path.join(folder, name)
+  names = {"bos": "<|startoftext|>", "eos": "<|endoftext|>", "pad": "<|endoftext|>",
+           "unk": "<|endoftext|>"}
+  max_length = DEFAULT_CONTEXT_LENGTH
+  for cfg_name in ("special_tokens_map.json", "tokenizer_config.json"):
+    if os.path.isfile(join(cfg_name)):
+      with open(join(cfg_name), encoding="utf-8") as f:
+        cfg = json.load(f)
+      for role in names:
+        if _token_name(cfg.get(f"{role}_token")):
+          names[role] = _token_name(cfg[f"{role}_token"])
+      if cfg_name == "tokenizer_config.json" and \
+          int(cfg.get("model_max_length", 10**9)) <= 10**6:
+        max_length = int(cfg["model_max_length"])
+  specials: dict[str, int] = {}
+  if os.path.isfile(join("vocab.json")) and os.path.isfile(join("merges.txt")):
+    with open(join("vocab.json"), encoding="utf-8") as f:
+      encoder = json.load(f)
+    with open(join("merges.txt"), encoding="utf-8") as f:
+      merges = [tuple(line.split()) for line in f.read().split("\n")
+                if line.strip() and not line.startswith("#version")]
+    source = join("merges.txt")
+  elif os.path.isfile(join("tokenizer.json")):
+    with open(join("tokenizer.json"), encoding="utf-8") as f:
+      tj = json.load(f)
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE":
+      raise ValueError(f"{join('tokenizer.json')}: model type {model.get('type')!r} is not BPE")
+    encoder = model["vocab"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    specials = {t["content"]: int(t["id"]) for t in tj.get("added_tokens", [])}
+    source = join("tokenizer.json")
+  else:
+    raise FileNotFoundError(f"CLIP tokenizer: {folder} has neither vocab.json + merges.txt nor "
+                            "tokenizer.json")
+  if any(len(m) != 2 for m in merges):
+    raise ValueError(f"{source} has merges that are not pairs 'a b'")
+  try:
+    return HFTokenizer(encoder, merges, specials, model_max_length=max_length, **names)
+  except ValueError as e:
+    raise ValueError(f"CLIP tokenizer {folder}: {e}") from None
 
 
 def default_vocab_path() -> str:

@@ -22,6 +22,7 @@ else `ConversionError` names the keys.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -40,6 +41,7 @@ from uir_jax.convert.common import (
     conv1x1_to_linear,
     convert,
     linear,
+    one_line,
     param_shapes,
     read_state_dict,
 )
@@ -195,13 +197,22 @@ def read_model(path: str | os.PathLike, cls: str, subfolder: str, *,
   return dict(config), sd, weights
 
 
-def _load(make: Callable[[], nnx.Module], sd: StateDict, weights: str, cls: str,
-          legacy_attention: bool = False) -> Any:
-  abstract = nnx.eval_shape(make)
-  flat = convert(sd, sd_rules(legacy_attention), param_shapes(abstract),
-                 what=f"{cls} weights {weights}")
+def _checked_load(abstract: Any, sd: StateDict, rules: list[Rule], *, what: str,
+                  ignore: tuple[str, ...] = ()) -> Any:
+  """Fills an abstract model from `sd`; the converter's report (unexpected, missing or
+  mis-shaped keys, each named) as one line."""
+  try:
+    flat = convert(sd, rules, param_shapes(abstract), ignore=ignore, what=what)
+  except ConversionError as e:
+    raise ConversionError(one_line(e)) from None
   assign(abstract, flat)
   return abstract
+
+
+def _load(make: Callable[[], nnx.Module], sd: StateDict, weights: str, cls: str,
+          legacy_attention: bool = False) -> Any:
+  return _checked_load(nnx.eval_shape(make), sd, sd_rules(legacy_attention),
+                       what=f"{cls} weights {weights}")
 
 
 def _config(fn: Callable[..., Any], config: Mapping[str, Any], where: str, *args) -> Any:
@@ -252,6 +263,26 @@ def load_controlnet(path: str | os.PathLike, *, config: Mapping[str, Any] | None
 
 
 
+def unet_from_state_dict(state_dict: StateDict, config: Mapping[str, Any], *, dtype=jnp.float32,
+                         attention_impl: str = "auto") -> UNet2DConditionModel:
+  """A `UNet2DConditionModel` from an in-memory diffusers state dict (torch tensors or arrays, e.g.
+  a torch model's `state_dict()`) and its config dict, checked as `load_unet`; nothing is written
+  (the SD-1.5-sized parity test and the benchmarks convert 3.4 GB this way)."""
+  ucfg = _config(unet_config, config, "the given config")
+  return _load(lambda: UNet2DConditionModel(ucfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                            attention_impl=attention_impl),
+               state_dict, "state dict", "UNet2DConditionModel")
+
+
+def vae_from_state_dict(state_dict: StateDict, config: Mapping[str, Any], *, dtype=jnp.float32,
+                        attention_impl: str = "auto") -> AutoencoderKL:
+  """An `AutoencoderKL` from an in-memory diffusers state dict and its config dict."""
+  vcfg = _config(vae_config, config, "the given config")
+  return _load(lambda: AutoencoderKL(vcfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                     attention_impl=attention_impl),
+               state_dict, "state dict", "AutoencoderKL", legacy_attention=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Text encoder (HF CLIPTextModel layout, as diffusers pipelines store it in text_encoder/).
 # ----------------------------------------------------------------------------------------------
@@ -297,17 +328,101 @@ def text_encoder_config(cfg: Mapping[str, Any]) -> Any:
                      ln_eps=float(cfg.get("layer_norm_eps", 1e-5)))
 
 
-def load_text_encoder(path: str | os.PathLike, *, dtype=jnp.float32) -> Any:
+LDM_TEXT_HF = "cond_stage_model.transformer."  # SD 1.x single files: HF names inside
+_TEXT_IGNORE = (r"(?:text_model\.)?embeddings\.position_ids", r"text_projection\.weight")
+
+
+def infer_text_encoder_config(sd: StateDict, act: str = "quick_gelu") -> Any:
+  """A `CLIPTextTower` config read off HF `CLIPTextModel` shapes (heads = width // 64, as both SD
+  text encoders; `act` cannot be read: quick_gelu is SD 1.x's OpenAI ViT-L/14)."""
+  from uir_jax.models.clip import text_config
+
+  t = "text_model." if any(k.startswith("text_model.") for k in sd) else ""
+
+  def shape(key: str) -> tuple[int, ...]:
+    if t + key not in sd:
+      raise ConversionError(f"cannot infer the CLIPTextModel config: key {t + key!r} is missing")
+    return tuple(sd[t + key].shape)
+
+  vocab, width = shape("embeddings.token_embedding.weight")
+  layers = {int(m.group(1)) for k in sd if (m := re.match(
+      re.escape(t) + r"encoder\.layers\.(\d+)\.", k))}
+  if not layers:
+    raise ConversionError("cannot infer the CLIPTextModel config: no encoder.layers.* keys")
+  return text_config(width, max(layers) + 1, max(1, width // 64),
+                     shape("encoder.layers.0.mlp.fc1.weight")[0], vocab_size=vocab,
+                     context_length=shape("embeddings.position_embedding.weight")[0], act=act)
+
+
+def _load_hf_text(sd: StateDict, tcfg: Any, layer: str | int | None, what: str, dtype) -> Any:
+  """A `CLIPTextTower` from HF `CLIPTextModel` keys; `layer` drops the blocks after it."""
+  from uir_jax.models.clip import CLIPTextTower, text_layer_index
+
+  ignore = list(_TEXT_IGNORE)
+  if layer is not None:
+    keep = text_layer_index(layer, tcfg.text_layers)
+    if keep < tcfg.text_layers:
+      dropped = "|".join(str(i) for i in range(keep, tcfg.text_layers))
+      ignore.append(rf"(?:text_model\.)?encoder\.layers\.({dropped})\..*")
+      tcfg = dataclasses.replace(tcfg, text_layers=keep)
+  abstract = nnx.eval_shape(lambda: CLIPTextTower(tcfg, rngs=nnx.Rngs(0), dtype=dtype))
+  return _checked_load(abstract, sd, text_encoder_rules(), ignore=tuple(ignore), what=what)
+
+
+def load_text_encoder(path: str | os.PathLike | StateDict, *, layer: str | int | None = None,
+                      config: Mapping[str, Any] | None = None, dtype=jnp.float32) -> Any:
   """A `CLIPTextTower` from a transformers `CLIPTextModel` folder (a diffusers pipeline's
-  `text_encoder/`: config.json + model.safetensors or pytorch_model.bin), or a pipeline folder.
+  `text_encoder/`: config.json + model.safetensors or pytorch_model.bin), a pipeline folder, a
+  single-file LDM checkpoint, an open_clip text tower file, or a state_dict mapping.
 
-  SD 1.x: ViT-L/14, 12 layers, quick_gelu; SD 2.x: OpenCLIP ViT-H/14's first 23 layers, gelu (its
-  output is the penultimate layer through the final LayerNorm). A `text_projection` (the
-  WithProjection variant) and the legacy `position_ids` buffer are ignored.
+  SD 1.x: ViT-L/14, 12 layers, quick_gelu (single files: `cond_stage_model.transformer.*`, HF
+  names); SD 2.x: OpenCLIP ViT-H/14, gelu, whose conditioning is the penultimate layer through
+  the final LayerNorm: diffusers stores its first 23 layers, single files hold all 24 in open_clip
+  layout (`cond_stage_model.model.*`, packed q/k/v). A `text_projection` (the WithProjection
+  variant) and the legacy `position_ids` buffer are ignored.
+
+  `layer` ("last" | "penultimate" | an HF hidden-states index) keeps the blocks up to that layer,
+  so that the tower's output is that layer through the final LayerNorm. None: as SD uses the
+  weights: every layer of an HF-layout model, "penultimate" of an open_clip-layout one (SD 2.x);
+  so an SD 2.x single file and its diffusers folder load to the same 23-block tower.
+
+  `config` (a transformers `CLIPTextConfig` dict) is for a file or state_dict without a
+  config.json beside it; else the architecture is read off the shapes, with heads of 64 channels
+  (both SD text encoders) and quick_gelu for HF names (SD 1.x), gelu for open_clip (SD 2.x).
   """
-  from uir_jax.models.clip import CLIPTextTower
+  from uir_jax.convert.clip_towers import LDM_OPENCLIP, load_openclip_text
 
-  folder = resolve(path)
+  if isinstance(path, Mapping):
+    sd, where = dict(_unwrap(path)), "state_dict"
+  else:
+    folder = resolve(path)
+    if os.path.isfile(folder):
+      sd, where = dict(_unwrap(_read_weights(folder))), folder
+    else:
+      return _load_text_folder(folder, layer, dtype)
+  if any(k.startswith(LDM_OPENCLIP) for k in sd) or "token_embedding.weight" in sd:
+    given = dict(config or {})
+    return load_openclip_text(sd, layer="penultimate" if layer is None else layer,
+                              heads=given.get("num_attention_heads"),
+                              act=given.get("hidden_act", "gelu"), name=where, dtype=dtype)
+  cfg: dict[str, Any] = {"model_type": "clip_text_model", **config} if config else {}
+  if any(k.startswith(LDM_TEXT_HF) for k in sd):
+    sd = ldm_sections(sd, LDM_TEXT_HF)
+    where += f" (single-file LDM {LDM_TEXT_HF}*)"
+  elif not cfg and where != "state_dict" and os.path.isfile(cfg_path := os.path.join(
+      os.path.dirname(where), "config.json")):
+    with open(cfg_path) as f:  # a text_encoder/ folder's weights file: its config beside it
+      cfg = json.load(f)
+  if cfg.get("model_type") == "clip_text_model" and "hidden_size" in cfg:
+    tcfg = text_encoder_config(cfg)
+  else:  # the shapes, and what a partial `config` says
+    tcfg = infer_text_encoder_config(sd, act=cfg.get("hidden_act", "quick_gelu"))
+    if "num_attention_heads" in cfg:
+      tcfg = dataclasses.replace(tcfg, text_heads=int(cfg["num_attention_heads"]))
+  return _load_hf_text(sd, tcfg, layer, f"CLIPTextModel weights {where}", dtype)
+
+
+def _load_text_folder(folder: str, layer: str | int | None, dtype) -> Any:
   if not os.path.isfile(os.path.join(folder, "config.json")) \
       and os.path.isfile(os.path.join(folder, "text_encoder", "config.json")):
     folder = os.path.join(folder, "text_encoder")
@@ -325,13 +440,8 @@ def load_text_encoder(path: str | os.PathLike, *, dtype=jnp.float32) -> Any:
       break
   else:
     raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
-  sd = _read_weights(weights)
-  abstract = nnx.eval_shape(lambda: CLIPTextTower(tcfg, rngs=nnx.Rngs(0), dtype=dtype))
-  flat = convert(sd, text_encoder_rules(), param_shapes(abstract),
-                 ignore=(r"(?:text_model\.)?embeddings\.position_ids", r"text_projection\.weight"),
-                 what=f"CLIPTextModel weights {weights}")
-  assign(abstract, flat)
-  return abstract
+  return _load_hf_text(_read_weights(weights), tcfg, layer, f"CLIPTextModel weights {weights}",
+                       dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -520,6 +630,7 @@ _LDM = {
 
 
 __all__ = ["ConversionError", "infer_unet_config", "infer_vae_config", "ldm_unet_to_diffusers",
-           "ldm_vae_to_diffusers", "load_controlnet", "load_text_encoder", "load_unet", "load_vae",
+           "ldm_vae_to_diffusers", "infer_text_encoder_config", "load_controlnet",
+           "load_text_encoder", "load_unet", "load_vae",
            "read_model", "resolve", "text_encoder_rules",
            "sd_rules"]

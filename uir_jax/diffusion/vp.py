@@ -170,7 +170,7 @@ class VPProcess:
   def sample(self, model_fn: Any, x_T: Array, key: Array, num_steps: int, *,
              sampler: str = "ddim", eta: float = 0.0, model_args: tuple = (),
              final_sigmas_type: str = "zero", lower_order_final: bool = True,
-             return_path: bool = False) -> tuple[Array, Array | None]:
+             start: int = 0, return_path: bool = False) -> tuple[Array, Array | None]:
     """x_0 from x_T [B, ...] ~ N(0, I) in `num_steps` model calls, as diffusers' schedulers.
 
     `model_fn(x, t, *model_args)` returns the process's `prediction` type at x, t int32 [B]
@@ -180,9 +180,16 @@ class VPProcess:
     `lower_order_final`, at the last step below 15 steps or onto σ = 0 (diffusers'
     "lower_order_second" below 15 steps caps order 3 at 2: no effect at order 2). "unipc" follows
     UniPCMultistepScheduler's defaults (bh2, order 2, predict_x0, lower_order_final).
+
+    `start` skips the first steps of the `num_steps` schedule (image-to-image: x_T is then the
+    noised image at `timesteps(num_steps, sampler)[start]`); the multistep methods restart at
+    first order there, as diffusers' schedulers with `set_begin_index`.
     """
+    if not 0 <= start < num_steps:
+      raise ValueError(f"start must be in [0, {num_steps}), got {start}")
     if sampler == "ddim":
       ts, points = self.ddim_points(num_steps)
+      ts, points = ts[start:], tuple(p[start:] for p in points)
       solver = solvers.DDIMSolver(eta=float(eta), prediction=self.prediction)
       inputs = solver.inputs(*points)
     elif sampler == "dpm++2m":
@@ -190,12 +197,14 @@ class VPProcess:
       orders = np.full(num_steps, 2)
       if lower_order_final and (num_steps < 15 or final_sigmas_type == "zero"):
         orders[-1] = 1  # (a step to σ = 0 is first order anyway: it returns x̂_0)
+      ts, alphas, sigmas, orders = ts[start:], alphas[start:], sigmas[start:], orders[start:]
       solver = solvers.MultistepSolver(order=2, stochastic=False, prediction=self.prediction)
       inputs = solver.inputs(alphas, sigmas, orders=orders)
     elif sampler == "unipc":
       if final_sigmas_type != "zero":
         raise ValueError("unipc: only final_sigmas_type 'zero' (diffusers' default) is supported")
       ts, alphas, sigmas = self.multistep_points(num_steps, sampler, final_sigmas_type)
+      ts, alphas, sigmas = ts[start:], alphas[start:], sigmas[start:]
       solver = solvers.UniPCSolver(order=2, variant="bh2", lower_order_final=lower_order_final,
                                    prediction=self.prediction)
       inputs = solver.inputs(alphas, sigmas)

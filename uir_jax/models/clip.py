@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -179,27 +180,42 @@ class Transformer(nnx.Module):
     ])
 
   def __call__(self, x: Array, *, causal: bool = False, control: Sequence[Array] | None = None,
-               output_hiddens: bool = False) -> Array | tuple[Array, list[Array]]:
+               output_hiddens: bool = False, num_blocks: int | None = None
+               ) -> Array | tuple[Array, list[Array]]:
     """Runs the blocks on x [B, L, W].
 
     Args:
       control: optional per-block additive residuals, `control[k]` [B, L, W] is added after block k
         (in THIS order: DaCLIP passes its controller outputs already reversed, spec §1.4).
       output_hiddens: also return the stream after every block.
+      num_blocks: run only the first `num_blocks` blocks (SD 2.x's penultimate-layer text states
+        never need the last block); None runs them all.
 
     Returns:
-      x, or (x, [x after block k for every k]) when output_hiddens.
+      x, or (x, [x after block k for every block run]) when output_hiddens.
     """
     if control is not None and len(control) != len(self.resblocks):
       raise ValueError(f"control has {len(control)} residuals for {len(self.resblocks)} blocks")
+    n = len(self.resblocks) if num_blocks is None else num_blocks
+    if not 0 <= n <= len(self.resblocks):
+      raise ValueError(f"num_blocks={num_blocks} outside [0, {len(self.resblocks)}]")
     hiddens = []
-    for k, block in enumerate(self.resblocks):
+    for k, block in enumerate(list(self.resblocks)[:n]):
       x = block(x, causal=causal)
       if control is not None:
         x = x + control[k].astype(x.dtype)
       if output_hiddens:
         hiddens.append(x)
     return (x, hiddens) if output_hiddens else x
+
+
+class VisionOutput(NamedTuple):
+  """`VisionTransformer.hidden_states`' result (a pytree; all float32)."""
+
+  hidden_states: tuple[Array, ...]  # L + 1 entries of [B, 1 + G*G, W_v]
+  last_hidden_state: Array  # [B, 1 + G*G, W_v], before ln_post
+  pooled: Array  # [B, W_v]: ln_post(CLS)
+  image_embeds: Array  # [B, E]: pooled @ proj
 
 
 class VisionTransformer(nnx.Module):
@@ -238,6 +254,25 @@ class VisionTransformer(nnx.Module):
   def pool(self, x: Array) -> Array:
     """Token sequence [B, L, W_v] -> CLS -> ln_post -> proj: [B, E]."""
     return self.ln_post(x[:, 0]) @ self.proj[...].astype(x.dtype)
+
+  def hidden_states(self, images: Array, *, num_blocks: int | None = None) -> VisionOutput:
+    """images [B, H, W, 3] (CLIP-normalised) -> every layer's token states and the embeddings.
+
+    HF `CLIPVisionModel(..., output_hidden_states=True)` semantics (float32 outputs):
+    `hidden_states[0]` is the `ln_pre`'d embedding sequence, `hidden_states[k]` the stream after
+    block k (open_clip's `forward_intermediates` without normalisation); `last_hidden_state` the
+    last of them, before `ln_post` (TextualDegRemoval's image feature, spec §1.2); `pooled`
+    `ln_post` of its CLS token (HF `pooler_output`); `image_embeds` that through `proj` (open_clip
+    `encode_image`). `num_blocks` stops after that many blocks (the pooled outputs then come
+    from the last block run).
+    """
+    x0 = self.tokens(images)
+    x, hiddens = self.transformer(x0, output_hiddens=True, num_blocks=num_blocks)
+    pooled = self.ln_post(x[:, 0])
+    embeds = pooled @ self.proj[...].astype(x.dtype)
+    f32 = lambda t: t.astype(jnp.float32)
+    return VisionOutput(hidden_states=tuple(f32(t) for t in [x0, *hiddens]),
+                        last_hidden_state=f32(x), pooled=f32(pooled), image_embeds=f32(embeds))
 
   def __call__(self, images: Array, *, control: Sequence[Array] | None = None,
                output_hiddens: bool = False) -> Array | tuple[Array, list[Array]]:
@@ -299,6 +334,24 @@ def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
 # ----------------------------------------------------------------------------------------------
 
 
+def text_layer_index(layer: str | int, num_blocks: int) -> int:
+  """"last" | "penultimate" | an index into HF's `hidden_states` (0 = the embeddings, k = after
+  block k; negative from the end: -1 = "last", -2 = "penultimate") -> the number of blocks to run
+  in a tower of `num_blocks` blocks."""
+  n = num_blocks
+  named = {"last": n, "penultimate": n - 1}
+  if isinstance(layer, str):
+    if layer not in named:
+      raise ValueError(f"layer must be 'last', 'penultimate' or an int, got {layer!r}")
+    k = named[layer]
+  else:
+    k = int(layer) + (n + 1 if int(layer) < 0 else 0)
+  if not 0 <= k <= n:
+    raise ValueError(f"layer {layer!r} is outside a {n}-block text tower's hidden states "
+                     f"(indices {-(n + 1)}..{n})")
+  return k
+
+
 class CLIPTextTower(nnx.Module):
   """The CLIP text transformer alone, as SD uses it: token states, not a pooled embedding.
 
@@ -321,17 +374,26 @@ class CLIPTextTower(nnx.Module):
                                    dtype=dtype)
     self.ln_final = LayerNorm(w, config.ln_eps, rngs=rngs)
 
-  def __call__(self, ids: Array, *, output_hidden_states: bool = False,
+  def layer_index(self, layer: str | int) -> int:
+    """`text_layer_index` for this tower's number of blocks."""
+    return text_layer_index(layer, len(self.transformer.resblocks))
+
+  def __call__(self, ids: Array, *, layer: str | int = "last", output_hidden_states: bool = False,
                token_embeddings: tuple[Array, Array] | None = None
                ) -> Array | tuple[Array, list[Array]]:
-    """ids int [B, L <= context_length] -> `ln_final` of the last block's output [B, L, W]
-    (float32): HF `CLIPTextModel(...).last_hidden_state`, the SD text conditioning.
+    """ids int [B, L <= context_length] -> `ln_final` of the chosen layer's token states
+    [B, L, W] (float32). `layer="last"`: HF `CLIPTextModel(...).last_hidden_state`, SD 1.x's text
+    conditioning and SD 2.x's as diffusers stores it (23 blocks); `"penultimate"`: Stability's
+    `FrozenOpenCLIPEmbedder(layer="penultimate")` on a 24-block open_clip tower (the same
+    states); an int indexes HF's `hidden_states` (`-(clip_skip + 1)` is diffusers' clip skip).
+    Only the blocks up to the chosen layer run.
 
-    With `output_hidden_states`, also HF's `hidden_states`: the embeddings, then the stream
-    after every block (without `ln_final`; SD's "clip skip" applies it to one of them).
+    With `output_hidden_states`, also HF's `hidden_states` (every block runs): the embeddings,
+    then the stream after every block (without `ln_final`).
     `token_embeddings=(positions int [B, K], vectors [B, K, W])` replaces the token embeddings at
     those positions before the position embeddings are added (TextualDegRemoval's pseudo-words).
     """
+    stop = self.layer_index(layer)
     if ids.ndim != 2 or ids.shape[1] > self.config.context_length:
       raise ValueError(f"expected token ids [B, <={self.config.context_length}], got {ids.shape}")
     ids = ids.astype(jnp.int32)
@@ -344,10 +406,12 @@ class CLIPTextTower(nnx.Module):
                          f"{x.shape[-1]}] with B={ids.shape[0]}, got {pos.shape}, {vec.shape}")
       x = x.at[jnp.arange(b)[:, None], pos].set(vec.astype(x.dtype))
     x = x + self.positional_embedding[: ids.shape[1]].astype(self.dtype)
-    h, hiddens = self.transformer(x, causal=True, output_hiddens=True)
-    out = self.ln_final(h).astype(jnp.float32)
+    _, hiddens = self.transformer(x, causal=True, output_hiddens=True,
+                                  num_blocks=None if output_hidden_states else stop)
+    hiddens = [x, *hiddens]
+    out = self.ln_final(hiddens[stop]).astype(jnp.float32)
     if output_hidden_states:
-      return out, [x.astype(jnp.float32)] + [t.astype(jnp.float32) for t in hiddens]
+      return out, [t.astype(jnp.float32) for t in hiddens]
     return out
 
 
@@ -361,3 +425,17 @@ def text_config(width: int, layers: int, heads: int, mlp_dim: int, *, vocab_size
                     vision_layers=0, vision_heads=heads, text_width=width, text_layers=layers,
                     text_heads=heads, context_length=context_length, vocab_size=vocab_size,
                     mlp_ratio=mlp_dim / width, act=act, ln_eps=ln_eps)
+
+
+def vision_config(width: int, layers: int, heads: int, mlp_dim: int, *, patch_size: int,
+                  image_size: int, embed_dim: int, act: str = "gelu",
+                  ln_eps: float = 1e-5) -> CLIPConfig:
+  """A `CLIPConfig` for a `VisionTransformer` alone (the text fields are unused placeholders).
+
+  Heads are not readable off the weights: open_clip's ViT-H/14 has 16 heads of 80 channels."""
+  if int(width * (mlp_dim / width)) != mlp_dim:
+    raise ValueError(f"MLP width {mlp_dim} is not representable as {width} x a float ratio")
+  return CLIPConfig(embed_dim=embed_dim, image_size=image_size, patch_size=patch_size,
+                    vision_width=width, vision_layers=layers, vision_heads=heads,
+                    text_width=heads, text_layers=0, text_heads=heads, mlp_ratio=mlp_dim / width,
+                    act=act, ln_eps=ln_eps)

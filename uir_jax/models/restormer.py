@@ -143,8 +143,13 @@ class MDTA(nnx.Module):
                for t in jnp.split(qkv, 3, axis=-1))
 
     def normalize(t):  # F.normalize over the pixels: t / max(||t||, 1e-12)
+      # An all-zero channel (a black crop: bias-free convs keep it zero) gets no gradient instead
+      # of sqrt'(0) · 0 = NaN (a guided PromptIR run stopped on one); the values are unchanged.
       t = t.astype(jnp.float32)
-      return t / jnp.maximum(jnp.sqrt(jnp.sum(t * t, axis=1, keepdims=True)), 1e-12)
+      sq = jnp.sum(t * t, axis=1, keepdims=True)
+      ok = sq > 1e-24
+      return jnp.where(ok, t * jax.lax.rsqrt(jnp.where(ok, sq, 1.0)),
+                       jax.lax.stop_gradient(t * 1e12))
 
     logits = jnp.einsum("bnhi,bnhj->bhij", normalize(q), normalize(k))
     attn = jax.nn.softmax(logits * self.temperature[...][None, :, None, None], axis=-1)

@@ -12,6 +12,7 @@ TRAINERS = {
     "nafnet": "uir_jax.systems.daclip_uir.nafnet",
     "daclip": "uir_jax.systems.daclip_uir.daclip",
     "quickstart": "uir_jax.systems.daclip_uir.quickstart",
+    "sd": "uir_jax.systems.sd.train",
     "tdr": "uir_jax.systems.textual_deg_removal.train",
 }
 

@@ -23,6 +23,7 @@ therefore bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -76,6 +77,11 @@ class Stage:
       tokenisation), or None.
     strategies: the step strategies the loss supports (a loss that needs the whole global batch,
       like a contrastive one, is "jit" only).
+    batches: the stage's own input stream instead of `input_pipeline.pipelines.from_config(
+      config.data, ...)`, called with the same keywords (batch_size, seed, train, start_step,
+      process_index, process_count, split) and held to the same contract (a pure function of
+      (seed, step), this host's rows), or None. E.g. image + caption folders read without
+      TensorFlow.
   """
 
   name: str
@@ -93,6 +99,7 @@ class Stage:
   initial_state: Callable[[], tuple[Any, Any]] | None = None
   prepare: Callable[[dict], dict] | None = None
   strategies: tuple[str, ...] = parallel.STRATEGIES
+  batches: Callable[..., Any] | None = None
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -376,11 +383,16 @@ class _Inputs:
   def __init__(self, config, stage: Stage, local_batch: int, first_step: int):
     from concurrent.futures import ThreadPoolExecutor
 
-    from input_pipeline import pipelines
+    if stage.batches is not None:
+      stream = stage.batches
+    else:
+      from input_pipeline import pipelines
+
+      stream = functools.partial(pipelines.from_config, config.data)
 
     def open_train():
-      it = iter(pipelines.from_config(
-          config.data, batch_size=local_batch, seed=config.seed, train=True,
+      it = iter(stream(
+          batch_size=local_batch, seed=config.seed, train=True,
           start_step=first_step - 1, process_index=jax.process_index(),
           process_count=jax.process_count()))
       return it, next(it)
@@ -388,11 +400,11 @@ class _Inputs:
     def open_eval():
       # One pass over the held-out split (centre crops), or with `eval_augment` a batch drawn
       # like the training ones (random crops and degradations) from it: small held-out sets.
-      stream = pipelines.from_config(
-          config.data, batch_size=config.eval_batch // jax.process_count(), seed=config.seed + 1,
+      batches = stream(
+          batch_size=config.eval_batch // jax.process_count(), seed=config.seed + 1,
           train=bool(config.data.eval_augment), split="eval", process_index=jax.process_index(),
           process_count=jax.process_count())
-      return next(iter(stream))
+      return next(iter(batches))
 
     self._pool = ThreadPoolExecutor(1, thread_name_prefix="uir_jax-inputs")
     self._train = self._pool.submit(open_train)

@@ -62,6 +62,21 @@ def test_text_encoder_matches_transformers(tmp_path, rng, style):
   for i, (a, b) in enumerate(zip(hiddens, out.hidden_states, strict=True)):
     b = b.numpy()
     assert float(np.abs(np.asarray(a) - b).max()) <= 1e-5 * float(np.abs(b).max()), i
+  # A chosen layer through the final LayerNorm (diffusers' clip skip: hidden_states[-2]).
+  with torch.no_grad():
+    want = ref.final_layer_norm(out.hidden_states[-2]).numpy()
+  got = np.asarray(ours(jnp.asarray(ids), layer="penultimate"))
+  assert float(np.abs(got - want).max()) <= 1e-5 * float(np.abs(want).max())
+  cut = load_text_encoder(tmp_path, layer=-2)  # the last block dropped at load
+  assert len(cut.transformer.resblocks) == 2
+  np.testing.assert_array_equal(np.asarray(cut(jnp.asarray(ids))), got)
+  if style == "sd15":  # an SD 1.x single file: HF names under cond_stage_model.transformer.
+    single = {"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v
+              for k, v in ref.state_dict().items()}
+    single["first_stage_model.decoder.conv_in.weight"] = torch.zeros(4)  # not text: ignored
+    heads = dict(num_attention_heads=4)  # not 64 channels a head: not readable off shapes
+    np.testing.assert_array_equal(
+        np.asarray(load_text_encoder(single, config=heads)(jnp.asarray(ids))), np.asarray(last))
 
 
 def test_token_embeddings_replace_the_given_positions(tmp_path, rng):
@@ -100,6 +115,14 @@ def test_text_encoder_bad_input(tmp_path):
   _tiny(tmp_path, "sd15")
   folder = tmp_path / "text_encoder"
   sd = load_file(str(folder / "model.safetensors"))
+  good = dict(sd)
+  key = next(k for k in sd if k.endswith("encoder.layers.0.mlp.fc1.bias"))
+  sd[key] = sd[key][:-1]
+  save_file(sd, str(folder / "model.safetensors"))
+  with pytest.raises(ConversionError, match=r"^[^\n]*layers\.0\.mlp\.fc1\.bias[^\n]*expects"
+                                            r"[^\n]*$"):  # one line naming the key
+    load_text_encoder(folder)
+  sd = good
   key = next(k for k in sd if k.endswith("encoder.layers.1.mlp.fc2.weight"))
   sd.pop(key)
   save_file(sd, str(folder / "model.safetensors"))

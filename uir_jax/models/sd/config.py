@@ -231,6 +231,8 @@ class VAEConfig:
   use_quant_conv: bool = True
   use_post_quant_conv: bool = True
   mid_block_add_attention: bool = True
+  # diffusers' `tile_sample_min_size` for tiled encode/decode (no effect on the network).
+  sample_size: int = 32
 
 
 _VAE_DEFAULTS = {
@@ -260,6 +262,7 @@ def vae_config(cfg: Mapping[str, Any] | VAEConfig) -> VAEConfig:
   if any(ch % int(c["norm_num_groups"]) for ch in channels):
     raise ConfigError(f"AutoencoderKL: block_out_channels {channels} are not multiples of "
                       f"norm_num_groups={c['norm_num_groups']}")
+  sample = cfg.get("sample_size", 32)
   return VAEConfig(
       in_channels=int(c["in_channels"]), out_channels=int(c["out_channels"]),
       block_out_channels=channels, layers_per_block=int(c["layers_per_block"]),
@@ -267,4 +270,5 @@ def vae_config(cfg: Mapping[str, Any] | VAEConfig) -> VAEConfig:
       scaling_factor=float(c["scaling_factor"]),
       shift_factor=None if c["shift_factor"] is None else float(c["shift_factor"]),
       use_quant_conv=bool(c["use_quant_conv"]), use_post_quant_conv=bool(c["use_post_quant_conv"]),
-      mid_block_add_attention=bool(c["mid_block_add_attention"]))
+      mid_block_add_attention=bool(c["mid_block_add_attention"]),
+      sample_size=int(sample[0] if isinstance(sample, Sequence) else sample))

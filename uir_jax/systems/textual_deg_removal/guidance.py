@@ -17,6 +17,11 @@
 
 Indices are constants (argmax); gradients flow through the features and soft_att.
 
+That is NAFNet's 5-level (/16) layout. The Restormer family (`guided_restormer.py`) uses 4
+levels (`GuidanceEncoder(levels=4)`: f1..f4, /8), matches on f4 and transfers to s in
+(1, 2, 4, 8): `geometry(..., down=8)` with padding to 8·8 = 64; `match_and_transfer` follows
+the number of levels it is given.
+
 Geometry (computed in Python from the padded sizes; both images are zero-padded to multiples of
 16·8 = 128 on the bottom/right, as the code does): px = W/16//8, k = 8,
 d_x = 2·int(W_ref/16 // (2 px) · 1.5) + 1, same for y. Fixed here:

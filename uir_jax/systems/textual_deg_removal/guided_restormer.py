@@ -49,10 +49,10 @@ from uir_jax.systems.textual_deg_removal.guidance import (
     match_and_transfer,
     pad_to,
 )
+from uir_jax.systems.textual_deg_removal.guided_nafnet import FUSIONS
 
 Array = jax.Array
 
-FUSIONS = ("encoder+bottleneck", "encoder+decoder")
 DOWN = 8  # the deepest level's stride (three 2x downsamplings)
 
 __all__ = ["FUSIONS", "FusionBlock", "GuidedPromptIR", "GuidedRestormer"]

@@ -16,15 +16,14 @@ from typing import Any
 
 from flax import nnx
 
-from uir_jax.systems.textual_deg_removal.guided_nafnet import GuidedNAFNet
+from uir_jax.systems.textual_deg_removal.guided_nafnet import FUSIONS, GuidedNAFNet
 from uir_jax.systems.textual_deg_removal.guided_restormer import GuidedPromptIR, GuidedRestormer
 
 __all__ = ["ARCHS", "FUSIONS", "build_guided"]
 
 ARCHS: tuple[str, ...] = ("nafnet", "restormer", "promptir")
-# Where the guidance enters: the code's encoder + bottleneck, or also before every decoder level
-# (the paper's best ablation, Table 10). Every network takes `fusion=`.
-FUSIONS: tuple[str, ...] = ("encoder+bottleneck", "encoder+decoder")
+# FUSIONS: where the guidance enters: the code's encoder + bottleneck, or also before every
+# decoder level (the paper's best ablation, Table 10). Every network takes `fusion=`.
 _CLASSES = {"nafnet": GuidedNAFNet, "restormer": GuidedRestormer, "promptir": GuidedPromptIR}
 
 

@@ -114,12 +114,12 @@ def make_stage(config: ml_collections.ConfigDict) -> loop.Stage:
 
 
 def load_params(path: str, *, trust: bool = False) -> Any:
-  """`init_from`: a guided NAFNet's parameters from the official `NAFNetRefFusion` checkpoint
-  (`.pth`) or its `.safetensors`."""
-  from uir_jax.convert.common import read_state_dict
-  from uir_jax.systems.textual_deg_removal.convert import load_guided_nafnet
+  """`init_from`: a guided network's parameters from an official fusion checkpoint
+  (`NAFNetRefFusion`, `RestormerRefFusion`, the PromptIR variant; `.pth` / `.ckpt`) or its
+  `.safetensors` (`convert.load_guided`)."""
+  from uir_jax.systems.textual_deg_removal.convert import load_guided
 
-  return common.params_of(load_guided_nafnet(read_state_dict(path, trust=trust)))
+  return common.params_of(load_guided(path, trust=trust))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
