@@ -1,7 +1,7 @@
 """Guided restoration of photos: a guided network (`net(lq, guidance)`) behind the restorer
 interface the photo loop and `uir-jax restore` / `eval` share.
 
-    restorer = GuidedRestorer.from_checkpoint("NAFNetRefFusion.pth")   # official weights
+    restorer = GuidedRestorer.from_checkpoint("NAFNetRefFusion.pth")   # official weights (any arch)
     restorer = load_run("runs/tdr_nafnet")                              # a trainer "tdr" run (EMA)
     restored = restorer(lq, guidance=guidance)      # [1, H, W, 3] and [1, Hg, Wg, 3] in [0, 1]
 
@@ -74,13 +74,14 @@ class GuidedRestorer:
 
   @classmethod
   def from_checkpoint(cls, path: str, *, trust: bool = False) -> GuidedRestorer:
-    """From an official guided-restoration checkpoint (`NAFNetRefFusion`, `.pth` or its
-    `.safetensors`); `trust=True` reads a PyTorch file with plain pickle (runs code from it)."""
-    from uir_jax.convert.common import checkpoint_errors, read_state_dict
-    from uir_jax.systems.textual_deg_removal.convert import load_guided_nafnet
+    """From an official guided-restoration checkpoint (NAFNet / Restormer / PromptIR RefFusion,
+    `.pth` or its `.safetensors`, `convert.load_guided`); `trust=True` reads a PyTorch file with
+    plain pickle (runs code from it)."""
+    from uir_jax.convert.common import checkpoint_errors
+    from uir_jax.systems.textual_deg_removal.convert import load_guided
 
     with checkpoint_errors(path):
-      return cls(load_guided_nafnet(read_state_dict(path, trust=trust)))
+      return cls(load_guided(path, trust=trust))
 
   def __call__(self, images: Any, key: Any = None, embeddings: Any = None, *,
                guidance: Any) -> Array:
