@@ -186,7 +186,8 @@ def evaluate(restorer: Callable[[np.ndarray, jax.Array], Any], pairs: Mapping[st
              *, key: jax.Array, crop_border: int = 4, lpips: Callable | None = None,
              dists: Callable | None = None, fid: Any = None, niqe: Callable | None = None,
              limit: int | None = None, output_dir: str | None = None,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+             log: Callable[[str], None] = print,
+             guidance: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, Any]:
   """Restores and scores every pair; returns {"per_image", "per_set", "mean", "skipped"}.
 
   Args:
@@ -202,14 +203,27 @@ def evaluate(restorer: Callable[[np.ndarray, jax.Array], Any], pairs: Mapping[st
     limit: at most this many pairs per set (the reference validates on the first 100).
     output_dir: if set, restored PNGs go to output_dir/<set>/<name>.png and the report to
       output_dir/results.{json,md,csv}.
+    guidance: {set: {stem: guidance path}} for a guided restorer (`restorer(lq, key,
+      guidance=...)`); a pair whose LQ (or GT) stem has none, or whose guidance is unreadable,
+      is skipped and counted.
   """
   counter = iter(range(1 << 62))
 
   def produce(name, lq_path, gt_path, lq):
-    del gt_path
     t0 = time.perf_counter()
+    extra = {}
+    if guidance is not None:
+      index = guidance.get(name, {})
+      g_path = index.get(_stem(lq_path)) or index.get(_stem(gt_path))
+      if g_path is None:
+        raise _Skip(f"no guidance image named {_stem(lq_path)}.*")
+      try:
+        extra["guidance"] = read_rgb(g_path)[None]
+      except Exception as e:  # noqa: BLE001 - one unreadable guidance must not stop the run
+        raise _Skip(f"unreadable guidance {g_path}: {e}") from e
     try:
-      restored = np.asarray(restorer(lq[None], jax.random.fold_in(key, next(counter)))[0])
+      restored = np.asarray(restorer(lq[None], jax.random.fold_in(key, next(counter)),
+                                     **extra)[0])
     except Exception as e:  # noqa: BLE001 - one image the model cannot take must not stop the run
       raise _Skip(f"restoring failed: {type(e).__name__}: {e}") from e
     seconds = time.perf_counter() - t0

@@ -5,6 +5,8 @@ r"""The `uir-jax` command.
                   [--num_steps 20] [--tile 512 --tile_overlap 64 | --tile 0]
   uir-jax restore --run WORKDIR --output_dir OUT PHOTO...   (a training run: its EMA weights)
   uir-jax restore --model EXPORT_DIR --output_dir OUT PHOTO...   (files, folders, globs)
+  uir-jax restore --guidance DIR --checkpoint NAFNetRefFusion.pth | --run TDR_RUN | --model EXPORT
+                  --output_dir OUT PHOTO...   (TextualDegRemoval: each photo with DIR/<name>.*)
   uir-jax export --unet universal-ir.pth [--daclip daclip_ViT-B-32.pt] --out EXPORT_DIR
                  [--num_steps 20] [--sizes 256x256,512x384] [--platforms cpu,cuda,tpu]
   uir-jax export --workdir RUN --out EXPORT_DIR [--step N]

@@ -70,9 +70,42 @@ def list_photos(inputs: list[str]) -> list[str]:
   return photos
 
 
+def index_guidance(folder: str) -> dict[str, str]:
+  """{file stem: path} of the guidance images directly in `folder` (a photo's guidance is the
+  image with its file name, any extension). ValueError, one line naming the folder: missing, not
+  a folder, no images in it, or two images with one stem."""
+  import os
+
+  if not os.path.exists(folder):
+    raise ValueError(f"guidance folder not found: {folder}")
+  if not os.path.isdir(folder):
+    raise ValueError(f"--guidance must be a folder of guidance images, got the file {folder}")
+  index: dict[str, str] = {}
+  for name in sorted(os.listdir(folder)):
+    path = os.path.join(folder, name)
+    if not (name.lower().endswith(PHOTO_EXTENSIONS) and os.path.isfile(path)):
+      continue
+    stem = os.path.splitext(name)[0]
+    if stem in index:
+      raise ValueError(f"guidance folder {folder}: two images named {stem!r} "
+                       f"({os.path.basename(index[stem])}, {name})")
+    index[stem] = path
+  if not index:
+    raise ValueError(f"no guidance images ({', '.join(PHOTO_EXTENSIONS[:3])}, ...) in folder "
+                     f"{folder}")
+  return index
+
+
+def guidance_of(path: str, index: dict[str, str]) -> str | None:
+  """The guidance of photo `path` in an `index_guidance` index (by file stem), or None."""
+  import os
+
+  return index.get(os.path.splitext(os.path.basename(path))[0])
+
+
 def restore_photos(restorer, photos: list[str], output_dir: str, *, seed: int = 0,
-                   key_fn=None, words: list[str] | None = None, quiet: bool = False
-                   ) -> tuple[int, int]:
+                   key_fn=None, words: list[str] | None = None, quiet: bool = False,
+                   guidance: dict[str, str] | None = None) -> tuple[int, int]:
   """Restores each photo with `restorer` into `output_dir/<name>.png` and, when it has a DA-CLIP,
   `<name>.json` with the predicted degradation; prints one line per photo and a summary.
 
@@ -83,6 +116,11 @@ def restore_photos(restorer, photos: list[str], output_dir: str, *, seed: int = 
   degradation. Photo i is restored with
   `key_fn(seed + i)` (default `jax.random.key`). Unreadable photos and failed restorations are
   reported and skipped, never stop the batch. Returns (restored, failed).
+
+  `guidance`: {stem: path} (`index_guidance`) for guided restorers, called as
+  `restorer(images, key, None, guidance=guidance_image)`. A photo without its guidance is
+  skipped with a warning and counted apart (not failed); an unreadable guidance is a failure
+  naming the file.
   """
   import json
   import os
@@ -94,13 +132,29 @@ def restore_photos(restorer, photos: list[str], output_dir: str, *, seed: int = 
   key_fn = jax.random.key if key_fn is None else key_fn
   words = list(words if words is not None else getattr(restorer, "words", []))
   os.makedirs(output_dir, exist_ok=True)
-  failed, used = 0, set()
+  failed, used, unguided = 0, set(), 0
   start = time.time()
   bar = tqdm(photos, unit="photo", file=sys.stderr, disable=True if quiet else None,
              dynamic_ncols=True)
   for i, path in enumerate(bar):
     bar.set_postfix_str(os.path.basename(path)[-30:])
     t0 = time.time()
+    extra = {}
+    if guidance is not None:
+      g_path = guidance_of(path, guidance)
+      if g_path is None:
+        tqdm.write(f"skipping {path}: no guidance image named "
+                   f"{os.path.splitext(os.path.basename(path))[0]}.* in the guidance folder",
+                   file=sys.stderr)
+        unguided += 1
+        continue
+      try:
+        extra["guidance"] = read_rgb(g_path)[None]
+      except Exception as e:  # noqa: BLE001 - one unreadable guidance must not stop the batch
+        tqdm.write(f"skipping {path}: cannot read its guidance {g_path} as an image "
+                   f"({type(e).__name__}: {one_line(e)[:200]})", file=sys.stderr)
+        failed += 1
+        continue
     try:
       image = read_rgb(path)
     except Exception as e:  # noqa: BLE001 - one unreadable file must not stop the batch
@@ -111,7 +165,7 @@ def restore_photos(restorer, photos: list[str], output_dir: str, *, seed: int = 
     try:
       emb = restorer.embed(image[None]) if words else {}  # words: it has a DA-CLIP
       probs = np.asarray(emb["probabilities"])[0] if emb else None
-      out = to_uint8(restorer(image[None], key_fn(seed + i), emb or None)[0])
+      out = to_uint8(restorer(image[None], key_fn(seed + i), emb or None, **extra)[0])
     except Exception as e:  # noqa: BLE001 - e.g. too large for an export's sizes, or memory
       tqdm.write(f"skipping {path}: {type(e).__name__}: {one_line(e)[:300]}", file=sys.stderr)
       failed += 1
@@ -136,6 +190,7 @@ def restore_photos(restorer, photos: list[str], output_dir: str, *, seed: int = 
         json.dump(sidecar, f, indent=1)
     tqdm.write(line, file=sys.stdout)
   bar.close()
-  print(f"{len(photos) - failed} image(s) restored, {failed} failed, "
+  skipped = f", {unguided} skipped without guidance" if unguided else ""
+  print(f"{len(photos) - failed - unguided} image(s) restored, {failed} failed{skipped}, "
         f"{time.time() - start:.1f} s (-> {output_dir})")
-  return len(photos) - failed, failed
+  return len(photos) - failed - unguided, failed

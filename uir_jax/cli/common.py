@@ -35,6 +35,13 @@ flags.DEFINE_bool("trust_checkpoint", False, "Load PyTorch checkpoints whose pic
                   "than data (tensors, numpy scalars) with plain pickle: this RUNS CODE FROM THE "
                   "FILE; only for files whose source you trust. Default: such files are refused. "
                   "train: sets --config.trust_checkpoint.")
+flags.DEFINE_string("guidance", None, "restore / eval (TextualDegRemoval): the folder of guidance "
+                    "images, one per photo with its file name (any extension; eval: also "
+                    "<guidance>/<set>/). Any size: used whole at its own resolution, zero-padded "
+                    "to the network's multiple (128). A photo without one is skipped and counted.")
+flags.DEFINE_string("checkpoint", None, "restore / eval / export (TextualDegRemoval): an official "
+                    "guided-restoration checkpoint (NAFNetRefFusion .pth, or its .safetensors); "
+                    "needs --guidance.")
 flags.DEFINE_integer("tile_batch", 1, "Tiles per denoiser call (faster on an accelerator, more "
                      "memory).", lower_bound=1)
 
@@ -63,3 +70,35 @@ def checkpoint_restorer():
       FLAGS.daclip, FLAGS.unet, mode=FLAGS.mode, num_steps=FLAGS.num_steps,
       tile=FLAGS.tile or None, tile_overlap=FLAGS.tile_overlap, tile_batch=FLAGS.tile_batch,
       pad_multiple=FLAGS.pad_multiple, trust=FLAGS.trust_checkpoint)
+
+
+def guided_source(fail, *, run: str | None = None, model: str | None = None) -> bool:
+  """Whether the model the flags name is a guided (TextualDegRemoval) one: --checkpoint, a
+  trainer "tdr" run, or an export of that system (its manifest's `system`)."""
+  if FLAGS.checkpoint:
+    return True
+  if run:
+    from uir_jax.systems.textual_deg_removal.restore import TRAINER, run_trainer
+
+    return run_trainer(run) == TRAINER
+  if model:
+    from uir_jax.export import ExportError, read_manifest
+
+    try:
+      return read_manifest(model).get("system") == GUIDED_SYSTEM
+    except ExportError as e:
+      fail(e)
+  return False
+
+
+GUIDED_SYSTEM = "textual_deg_removal"
+
+
+def guidance_index(fail) -> dict[str, str]:
+  """The --guidance folder's {stem: path}; a missing / empty folder ends with one line."""
+  from uir_jax.photos import index_guidance
+
+  try:
+    return index_guidance(FLAGS.guidance)
+  except ValueError as e:
+    fail(e)

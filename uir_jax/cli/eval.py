@@ -7,6 +7,8 @@ OUT/results.{json,md,csv} (and the restored PNGs).
                [--limit 100] [--lpips lpips_alex.pth] [--dists vgg16.pth] [--fid pt_inception.pth]
                [--niqe] [--output_dir OUT]
   uir-jax eval --restored OTHER_METHOD_DIR --data datasets/universal/val [metric flags]
+  uir-jax eval --guidance GUIDANCE_DIR --checkpoint NAFNetRefFusion.pth | --run TDR_RUN |
+               --model TDR_EXPORT --data datasets/GoPro/test [metric flags]   (TextualDegRemoval)
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ import os
 
 from absl import flags
 
-from uir_jax.cli.common import FLAGS, check_tiling, checkpoint_restorer, failer
+from uir_jax.cli.common import (
+    FLAGS,
+    check_tiling,
+    checkpoint_restorer,
+    failer,
+    guidance_index,
+    guided_source,
+)
 
 flags.DEFINE_string("data", None, "eval: test set root, <data>/<degradation>/{LQ,GT} or "
                     "<data>/{LQ,GT}.")
@@ -41,9 +50,10 @@ def main(argv):
     fail(f"takes no positional arguments, got {argv[1:]}")
   if FLAGS.data is None:
     fail("needs --data (the test set: <data>/<degradation>/{LQ,GT} or <data>/{LQ,GT})")
-  if FLAGS.restored and (FLAGS.unet or FLAGS.daclip):
-    fail("--restored scores existing images; it takes no --unet / --daclip")
-  if not FLAGS.restored and FLAGS.unet is None:
+  guided = FLAGS.guidance or FLAGS.checkpoint or FLAGS.run or FLAGS.model
+  if FLAGS.restored and (FLAGS.unet or FLAGS.daclip or guided):
+    fail("--restored scores existing images; it takes no --unet / --daclip / --guidance")
+  if not FLAGS.restored and FLAGS.unet is None and not guided:
     fail("needs --unet (to restore the test set) or --restored DIR (to score restored images)")
   import jax
 
@@ -51,10 +61,24 @@ def main(argv):
   from uir_jax.data_layout import list_pairs
   from uir_jax.evaluate import evaluate, format_table, score_restored, write_report
 
-  files = [FLAGS.unet, FLAGS.daclip, FLAGS.lpips, FLAGS.dists, FLAGS.fid, FLAGS.niqe_params]
+  files = [FLAGS.unet, FLAGS.daclip, FLAGS.lpips, FLAGS.dists, FLAGS.fid, FLAGS.niqe_params,
+           FLAGS.checkpoint, FLAGS.run, FLAGS.model]
   missing = [p for p in files if p and not os.path.isfile(p)]
   if missing:
     fail(f"file(s) not found: {', '.join(missing)}")
+  guidance = None
+  if guided:
+    if FLAGS.unet or FLAGS.daclip:
+      fail("--guidance / --checkpoint / --run / --model evaluate a guided (TextualDegRemoval) "
+           "model: drop --unet / --daclip")
+    if sum(bool(x) for x in (FLAGS.checkpoint, FLAGS.run, FLAGS.model)) != 1:
+      fail("--guidance needs one of --checkpoint (official .pth), --run (a 'tdr' run) or "
+           "--model (its export)")
+    if not guided_source(fail, run=FLAGS.run, model=FLAGS.model):
+      fail(f"{FLAGS.run or FLAGS.model}: not a guided (TextualDegRemoval) run or export")
+    if not FLAGS.guidance:
+      fail("a guided (TextualDegRemoval) model: give --guidance DIR (guidance images named as "
+           "the LQ images, or DIR/<set>/)")
   try:
     pairs = list_pairs(FLAGS.data)
   except (OSError, ValueError) as e:
@@ -83,7 +107,24 @@ def main(argv):
     except (OSError, ValueError) as e:
       fail(f"NIQE: {e}")
   common = dict(crop_border=FLAGS.crop_border, limit=FLAGS.limit, **metrics)
-  if FLAGS.restored:
+  if guided:
+    from uir_jax.photos import index_guidance
+
+    top = guidance_index(fail) if not any(os.path.isdir(os.path.join(FLAGS.guidance, n))
+                                          for n in pairs) else None
+    guidance = {}
+    for name in pairs:  # <guidance>/<set>/ where it exists, else <guidance>/ itself
+      sub = os.path.join(FLAGS.guidance, name)
+      try:
+        guidance[name] = index_guidance(sub) if os.path.isdir(sub) else (
+            top if top is not None else index_guidance(FLAGS.guidance))
+      except ValueError as e:
+        fail(e)
+    restorer = _guided_restorer(fail)
+    report = evaluate(restorer, pairs, key=jax.random.key(FLAGS.seed), guidance=guidance,
+                      output_dir=FLAGS.output_dir, **common)
+    paths = {ext: os.path.join(FLAGS.output_dir, f"results.{ext}") for ext in ("json", "md", "csv")}
+  elif FLAGS.restored:
     try:
       report = score_restored(FLAGS.restored, pairs, **common)
     except (OSError, ValueError) as e:
@@ -102,3 +143,21 @@ def main(argv):
   print("results: " + ", ".join(paths.values()))
   if not report["per_image"]:
     fail("no image pair could be evaluated")
+
+
+def _guided_restorer(fail):
+  from uir_jax.convert.common import one_line
+
+  try:
+    if FLAGS.model:
+      from uir_jax.export import load_export
+
+      model = load_export(FLAGS.model)
+      return lambda lq, key, guidance: model(lq, 0, guidance=guidance)
+    from uir_jax.systems.textual_deg_removal.restore import GuidedRestorer, load_run
+
+    if FLAGS.run:
+      return load_run(FLAGS.run, FLAGS.step)
+    return GuidedRestorer.from_checkpoint(FLAGS.checkpoint, trust=FLAGS.trust_checkpoint)
+  except Exception as e:  # noqa: BLE001 - a wrong, corrupt or untrusted checkpoint: one line
+    fail(f"cannot load the guided model: {one_line(e)}")

@@ -4,6 +4,8 @@
   uir-jax export --unet universal-ir.pth [--daclip daclip_ViT-B-32.pt] --out EXPORT_DIR
                  [--num_steps 20] [--sizes 256x256,512x384] [--platforms cpu,cuda,tpu]
   uir-jax export --workdir RUN --out EXPORT_DIR [--step N]
+  uir-jax export --checkpoint NAFNetRefFusion.pth --out EXPORT_DIR --sizes 720x1280
+                 [--guidance_sizes 512x512]     (TextualDegRemoval's guided restoration)
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ flags.DEFINE_string("out", None, "export: the directory to write (an earlier exp
 flags.DEFINE_string("sizes", None, "export: HxW sizes (e.g. 256x256,512x384) to export fixed-size "
                     "restore functions for (tiled with --tile); default: one function for any "
                     "size (whole images, padded to the model's multiple).")
+flags.DEFINE_string("guidance_sizes", "512x512", "export --checkpoint (TextualDegRemoval): "
+                    "guidance HxW sizes; one function per (photo size, guidance size) pair, each "
+                    "rounded up to the network's multiple (128).")
 flags.DEFINE_string("platforms", "cpu,cuda,tpu", "export: platforms the functions are lowered "
                     "for (cpu, cuda, rocm, tpu).")
 
@@ -29,6 +34,9 @@ def main(argv):
     fail(f"takes no positional arguments, got {argv[1:]}")
   if not FLAGS.out:
     fail("needs --out DIR (the export directory to write)")
+  if FLAGS.checkpoint:
+    _export_guided(fail)
+    return
   if bool(FLAGS.workdir) == bool(FLAGS.unet):
     fail("give either --unet [--daclip] (checkpoints) or --workdir (a training run of ours)")
   if FLAGS.workdir and FLAGS.daclip:
@@ -88,3 +96,38 @@ def summary(out: str, manifest: dict) -> str:
   return (f"{out}: {manifest['denoiser']['class']} ({daclip}), {how}, restore function for "
           f"{shapes} on {', '.join(manifest['platforms'])}; {size / 2**20:.1f} MiB, model "
           f"{manifest['model_id'][:12]}")
+
+
+def _export_guided(fail) -> None:
+  """`--checkpoint`: an official guided (TextualDegRemoval) checkpoint, for listed sizes."""
+  if FLAGS.unet or FLAGS.daclip or FLAGS.workdir:
+    fail("--checkpoint exports a guided checkpoint alone: drop --unet / --daclip / --workdir")
+  if not os.path.exists(FLAGS.checkpoint):
+    fail(f"not found: {FLAGS.checkpoint}")
+  if not FLAGS.sizes:
+    fail("a guided export needs --sizes (photo HxW sizes): its matcher takes no symbolic sizes")
+  from uir_jax.export import ExportError, parse_sizes
+  from uir_jax.systems.textual_deg_removal.export_spec import export_checkpoint
+
+  try:
+    sizes = parse_sizes(FLAGS.sizes)
+    guidance_sizes = parse_sizes(FLAGS.guidance_sizes)
+  except ValueError as e:
+    fail(f"--sizes / --guidance_sizes: {e}")
+  platforms = [p.strip() for p in FLAGS.platforms.split(",") if p.strip()]
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.WARNING)
+  try:
+    manifest = export_checkpoint(FLAGS.checkpoint, FLAGS.out, sizes=sizes,
+                                 guidance_sizes=guidance_sizes, platforms=platforms,
+                                 trust=FLAGS.trust_checkpoint)
+  except ExportError as e:
+    fail(e)
+  except Exception as e:  # noqa: BLE001 - a wrong or corrupt checkpoint: say which
+    fail(f"{type(e).__name__}: {e}")
+  finally:
+    logging.set_verbosity(verbosity)
+  shapes = ", ".join(f"{f['height']}x{f['width']} (guidance {f['guidance_height']}x"
+                     f"{f['guidance_width']})" for f in manifest["functions"]["restore"])
+  print(f"{FLAGS.out}: {manifest['denoiser']['class']}, guided restore function for {shapes} "
+        f"on {', '.join(manifest['platforms'])}; model {manifest['model_id'][:12]}")

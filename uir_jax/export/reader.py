@@ -181,8 +181,35 @@ class ExportedModel:
     # The function takes [B, n, S, S, 3] windows, else the one view [B, S, S, 3].
     return self._embed.call(self.daclip_params, views if view == "windows" else views[:, 0])
 
-  def __call__(self, images: Any, key: Any, embeddings: Mapping[str, Any] | None = None, *,
-               contexts: Mapping[str, Any] | None = None, pad_multiple: int | None = None) -> Array:
+  @property
+  def needs_guidance(self) -> bool:
+    """A guided (TextualDegRemoval) export: `model(images, guidance=...)`."""
+    return any(spec.get("takes_guidance") for spec, _ in self.functions)
+
+  def _fit_guided(self, h: int, w: int, hg: int, wg: int) -> tuple[dict, Any]:
+    """The function of the smallest exported photo size holding h x w, and of those the
+    smallest guidance size holding hg x wg."""
+    fits = [(spec["height"] * spec["width"], spec["guidance_height"] * spec["guidance_width"],
+             i) for i, (spec, _) in enumerate(self.functions)
+            if spec["height"] >= h and spec["width"] >= w]
+    if not fits:
+      sizes = ", ".join(sorted({f"{s['height']}x{s['width']}" for s, _ in self.functions}))
+      raise ExportError(f"a {h}x{w} photo is larger than every photo size this export was made "
+                        f"for ({sizes}); export with a larger --sizes")
+    area = min(f[0] for f in fits)
+    held = [f for f in fits if f[0] == area and self.functions[f[2]][0]["guidance_height"] >= hg
+            and self.functions[f[2]][0]["guidance_width"] >= wg]
+    if not held:
+      sizes = ", ".join(f"{self.functions[f[2]][0]['guidance_height']}x"
+                        f"{self.functions[f[2]][0]['guidance_width']}" for f in fits
+                        if f[0] == area)
+      raise ExportError(f"a {hg}x{wg} guidance is larger than every guidance size this export "
+                        f"was made for ({sizes}); export with a larger --guidance_sizes")
+    return self.functions[min(held)[2]]
+
+  def __call__(self, images: Any, key: Any = 0, embeddings: Mapping[str, Any] | None = None, *,
+               contexts: Mapping[str, Any] | None = None, pad_multiple: int | None = None,
+               guidance: Any = None) -> Array:
     """Restores photos [B, H, W, 3] (float in [0, 1]) with the sampler of the export.
 
     `key`: a threefry2x32 key (`jax.random.key(seed, impl="threefry2x32")`), its uint32 [2]
@@ -190,7 +217,25 @@ class ExportedModel:
     embeddings already computed by `embed` (else they are computed here). `pad_multiple`: with
     a function for any size, pad to a multiple of this too (as `Restorer(pad_multiple=...)`),
     so photos of many sizes share a few compilations (default: `self.pad_multiple`, 1).
+    `guidance` [B, Hg, Wg, 3]: the guidance images of a guided export (required there; both are
+    zero-padded to the exported sizes, see `textual_deg_removal/export_spec.py`).
     """
+    if self.needs_guidance:
+      if guidance is None:
+        raise ValueError(f"{self.directory}: a guided export: give guidance=[B, Hg, Wg, 3]")
+      images, guidance = _check_images(images), _check_images(guidance)
+      if guidance.shape[0] != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} photo(s) but {guidance.shape[0]} guidance image(s)")
+      (_, h, w, _), (_, hg, wg, _) = images.shape, guidance.shape
+      spec, exp = self._fit_guided(h, w, hg, wg)
+      pad = lambda x, th, tw: np.pad(x, ((0, 0), (0, th - x.shape[1]), (0, tw - x.shape[2]),
+                                         (0, 0)))
+      out = exp.call(self.denoiser_params, jnp.asarray(pad(images, spec["height"], spec["width"])),
+                     _key_data(0), {}, jnp.asarray(pad(guidance, spec["guidance_height"],
+                                                       spec["guidance_width"])))
+      return out[:, :h, :w]
+    if guidance is not None:
+      raise ValueError(f"{self.directory}: this export takes no guidance")
     pad_multiple = self.pad_multiple if pad_multiple is None else pad_multiple
     if pad_multiple < 1:
       raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")

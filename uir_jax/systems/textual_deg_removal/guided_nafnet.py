@@ -101,6 +101,12 @@ class GuidedNAFNet(nnx.Module):
                                                     nnx.List(fuse))
     self.ups, self.decoders = nnx.List(ups), nnx.List(decoders)
 
+  @property
+  def pad_multiple(self) -> int:
+    """Photo and guidance are zero-padded (bottom/right) to multiples of this: the code's
+    padder_size · lr_block_size = 2^4 · 8 = 128 (one block of the coarse search at /16)."""
+    return 16 * self.lr_block_size
+
   @staticmethod
   def _fuse(blocks: nnx.List, x: Array, g: Array) -> Array:
     y = jnp.concatenate([x, g.astype(x.dtype)], axis=-1)
@@ -123,8 +129,9 @@ class GuidedNAFNet(nnx.Module):
     if lq.shape[0] != guidance.shape[0]:
       raise ValueError(f"lq and guidance batch sizes differ: {lq.shape[0]} vs {guidance.shape[0]}")
     h, w = lq.shape[1:3]
-    inp = pad_to(lq.astype(jnp.float32))
-    warped = self.guidance_features(inp, pad_to(guidance.astype(jnp.float32)))
+    m = self.pad_multiple
+    inp = pad_to(lq.astype(jnp.float32), m)
+    warped = self.guidance_features(inp, pad_to(guidance.astype(jnp.float32), m))
     x = self.intro(inp.astype(self.dtype))
     skips = []
     for lvl, (blocks, down, fuse) in enumerate(zip(self.encoders, self.downs, self.masa_blk_enc,
