@@ -127,7 +127,8 @@ def test_cpu_formulation_selected_by_platform(monkeypatch):
     x = jnp.ones((1, 5, 5, 4))
     for fn in (lambda x: layers.depthwise_conv(x, jnp.ones((3, 3, 4)), jnp.zeros(4)),
                lambda x: layers.layer_norm(x, jnp.ones(4), jnp.zeros(4), 1e-6),
-               lambda x: layers.layer_norm(x, jnp.ones(4), None, 1e-5)):
+               lambda x: layers.layer_norm(x, jnp.ones(4), None, 1e-5),
+               lambda x: layers.linear(x, jnp.ones((4, 3)))):
       assert ("custom_vjp_call" in str(jax.make_jaxpr(fn)(x))) == custom, backend
     # layers.conv: the hand-written backward from 32x32 outputs (3x3 and the 4x4/2 Downsample),
     # lax's convolution below that, for 7x7 kernels and off the CPU.
@@ -150,6 +151,19 @@ def test_layer_norm_cpu_and_reference_agree(with_bias):
     f = lambda x, s, b, cpu=cpu: jnp.sum(layers.layer_norm(x, s, b, 1e-6, cpu=cpu) * ct)
     outs[cpu] = (layers.layer_norm(x, scale, bias, 1e-6, cpu=cpu),
                  *jax.grad(f, argnums=(0, 1, 2) if with_bias else (0, 1))(x, scale, bias))
+  for a, b in zip(outs[True], outs[False], strict=True):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_linear_cpu_and_reference_agree():
+  r = np.random.default_rng(7)
+  x = jnp.asarray(r.normal(size=(2, 5, 6, 8)), jnp.float32)
+  kern = jnp.asarray(r.normal(size=(8, 12)), jnp.float32)
+  ct = jnp.asarray(r.normal(size=(2, 5, 6, 12)), jnp.float32)
+  outs = {}
+  for cpu in (True, False):
+    f = lambda x, k, cpu=cpu: layers.linear(x, k, cpu=cpu)
+    outs[cpu] = (f(x, kern), *jax.grad(lambda *a, f=f: jnp.sum(f(*a) * ct), (0, 1))(x, kern))
   for a, b in zip(outs[True], outs[False], strict=True):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
 
