@@ -453,7 +453,10 @@ def conv2d(x: Array, kernel: Array, bias: Array | None, stride: int,
   return y if bias is None else y + bias
 
 
-# Tuning knobs of `_conv_cpu_wins` (module globals so that benchmarks can A/B them).
+# Tuning knobs of `_conv_cpu_wins` (module globals so that benchmarks can A/B them). Measured
+# per 3x3 layer (value + both gradients, batch 4): the matmul kernel gradient is 1.6-3x faster
+# than XLA's at 64x64 and 32x32 outputs, even at 16x16 and slower at 8x8; a 7x7 kernel would need
+# a 49x copy of the output gradient. benchmarks/RESULTS.md, issue 22.
 CONV_CPU_MIN_PIXELS = 32 * 32
 CONV_CPU_MAX_TAPS = 9
 CONV_CPU_STRIDED = True
@@ -473,9 +476,10 @@ def _conv_cpu_wins(shape, kernel_size, stride: int, pad) -> bool:
 
 
 class Conv(nnx.Conv):
-  """`nnx.Conv` (same parameters, attributes and results); on the CPU platform a convolution whose
-  kernel equals its stride (no padding) is computed by `conv2d` (space-to-depth and a matmul),
-  every other one exactly as `nnx.Conv`."""
+  """`nnx.Conv` (same parameters, attributes and results). On the CPU platform the convolutions
+  for which `_conv_cpu_wins` (kernel == stride: space-to-depth and a matmul; 3x3 stride 1 and
+  4x4 stride 2 with outputs of at least `CONV_CPU_MIN_PIXELS`: the matmul kernel gradient of
+  `_conv_s1_cpu`) are computed by `conv2d`, every other one exactly as `nnx.Conv`."""
 
   def __call__(self, x: Array) -> Array:
     pad = self.padding
