@@ -88,12 +88,15 @@ def test_nafnet_gradient_parity_with_pytorch():
 
 
 @pytest.mark.torch
-def test_unet_gradient_parity_with_pytorch():
+def test_unet_gradient_parity_with_pytorch(monkeypatch):
   import torch
   import torch_unet
 
   from uir_jax.convert.unet import load_unet
 
+  # Every 3x3 conv and the 4x4/2 Downsample take `layers.conv2d`'s hand-written backward on CPU
+  # (by default only from 32x32 outputs, larger than this test's images).
+  monkeypatch.setattr(layers, "CONV_CPU_MIN_PIXELS", 1)
   kw = dict(nf=32, ch_mult=(1, 2), context_dim=CTX)
   tm = torch_unet.randomize_(torch_unet.ConditionalUNet(**kw), seed=0).train()
   model = load_unet(tm.state_dict())
@@ -124,8 +127,16 @@ def test_cpu_formulation_selected_by_platform(monkeypatch):
     x = jnp.ones((1, 5, 5, 4))
     for fn in (lambda x: layers.depthwise_conv(x, jnp.ones((3, 3, 4)), jnp.zeros(4)),
                lambda x: layers.layer_norm(x, jnp.ones(4), jnp.zeros(4), 1e-6),
-               lambda x: layers.layer_norm(x, jnp.ones(4), None, 1e-5)):
+               lambda x: layers.layer_norm(x, jnp.ones(4), None, 1e-5),
+               lambda x: layers.linear(x, jnp.ones((4, 3)))):
       assert ("custom_vjp_call" in str(jax.make_jaxpr(fn)(x))) == custom, backend
+    # layers.conv: the hand-written backward from 32x32 outputs (3x3 and the 4x4/2 Downsample),
+    # lax's convolution below that, for 7x7 kernels and off the CPU.
+    for size, k, stride, pad, chosen in ((32, 3, 1, 1, custom), (64, 4, 2, 1, custom),
+                                         (16, 3, 1, 1, False), (32, 7, 1, 3, False)):
+      m = layers.conv(4, 4, k, stride=stride, padding=pad, rngs=nnx.Rngs(0))
+      jaxpr = str(jax.make_jaxpr(lambda x, m=m: m(x))(jnp.ones((1, size, size, 4))))
+      assert ("custom_vjp_call" in jaxpr) == chosen, (backend, size, k, stride)
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -140,6 +151,19 @@ def test_layer_norm_cpu_and_reference_agree(with_bias):
     f = lambda x, s, b, cpu=cpu: jnp.sum(layers.layer_norm(x, s, b, 1e-6, cpu=cpu) * ct)
     outs[cpu] = (layers.layer_norm(x, scale, bias, 1e-6, cpu=cpu),
                  *jax.grad(f, argnums=(0, 1, 2) if with_bias else (0, 1))(x, scale, bias))
+  for a, b in zip(outs[True], outs[False], strict=True):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_linear_cpu_and_reference_agree():
+  r = np.random.default_rng(7)
+  x = jnp.asarray(r.normal(size=(2, 5, 6, 8)), jnp.float32)
+  kern = jnp.asarray(r.normal(size=(8, 12)), jnp.float32)
+  ct = jnp.asarray(r.normal(size=(2, 5, 6, 12)), jnp.float32)
+  outs = {}
+  for cpu in (True, False):
+    f = lambda x, k, cpu=cpu: layers.linear(x, k, cpu=cpu)
+    outs[cpu] = (f(x, kern), *jax.grad(lambda *a, f=f: jnp.sum(f(*a) * ct), (0, 1))(x, kern))
   for a, b in zip(outs[True], outs[False], strict=True):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
 
@@ -167,10 +191,12 @@ def test_depthwise_conv_cpu_and_reference_agree(k):
 
 @pytest.mark.parametrize("kernel,stride,pad", [(3, 1, 1), (7, 1, 3), (1, 1, 0), (2, 2, 0),
                                                (4, 2, 1), (3, 2, 1)])
-def test_conv_cpu_and_reference_agree(kernel, stride, pad):
+def test_conv_cpu_and_reference_agree(kernel, stride, pad, monkeypatch):
   """`layers.conv2d`'s CPU formulations (space-to-depth, matmuls, hand-written backward) equal
   lax's convolution, values and gradients, for every convolution shape the models use; and the
-  `layers.conv` module equals nnx.Conv's own call on either formulation."""
+  `layers.conv` module (forced onto `conv2d` whatever the image size) equals nnx.Conv's own call
+  on either formulation."""
+  monkeypatch.setattr(layers, "CONV_CPU_MIN_PIXELS", 1)
   r = np.random.default_rng(kernel * 10 + stride)
   x = jnp.asarray(r.normal(size=(2, 9, 10, 5)), jnp.float32)
   kern = jnp.asarray(r.normal(size=(kernel, kernel, 5, 6)) / kernel, jnp.float32)

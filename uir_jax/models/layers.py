@@ -242,6 +242,37 @@ def dense(din: int, dout: int, *, rngs: nnx.Rngs, dtype=jnp.float32, use_bias: b
                     param_dtype=jnp.float32, rngs=rngs)
 
 
+@jax.custom_vjp
+def _linear_cpu(x: Array, kernel: Array) -> Array:
+  """x [..., Cin] @ kernel [Cin, Cout] with a hand-written backward pass, for XLA's CPU backend.
+
+  For the kernel gradient x^T g, XLA CPU transposes g [N, Cout] into a [Cout, N] copy whose
+  strided writes thrash the cache (the U-Net's LinearAttention q/k/v gradient at 64x64: ~10% of
+  its training step). Here g^T x is contracted over the rows ([Cout, Cin]) and the small result
+  transposed."""
+  return jnp.dot(x, kernel)
+
+
+def _linear_cpu_fwd(x, kernel):
+  return jnp.dot(x, kernel), (x, kernel)
+
+
+def _linear_cpu_bwd(res, g):
+  x, kernel = res
+  gk = jax.lax.dot_general(g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]),
+                           (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return jnp.dot(g, kernel.T).astype(x.dtype), gk.T.astype(kernel.dtype)
+
+
+_linear_cpu.defvjp(_linear_cpu_fwd, _linear_cpu_bwd)
+
+
+def linear(x: Array, kernel: Array, *, cpu: bool | None = None) -> Array:
+  """x [..., Cin] @ kernel [Cin, Cout]; on the CPU platform (`cpu_formulation`) with the
+  hand-written backward pass of `_linear_cpu`."""
+  return (_linear_cpu if cpu_formulation(cpu) else jnp.dot)(x, kernel)
+
+
 def _shifted_sum(xp: Array, kernel: Array, h: int, w: int) -> Array:
   """sum over (i, j) of xp[:, i:i + h, j:j + w, :] * kernel[i, j]: one fused elementwise loop."""
   k = kernel.shape[0]
@@ -339,9 +370,35 @@ def _conv_s1_cpu(x: Array, kernel: Array, pad: tuple[tuple[int, int], tuple[int,
   """Stride-1 NHWC convolution with a hand-written backward pass, for XLA's CPU backend.
 
   XLA CPU computes the kernel gradient as a convolution whose window is the whole image (e.g.
-  64x64), a slow path; here it is one matmul of the im2col patches [N·H·W, kh·kw·Cin] with the
-  output gradient. The input gradient is the usual full correlation with the flipped kernel."""
+  64x64) after transposing both operands, a slow path. Here it is one matmul (`_conv_kernel_grad`);
+  the input gradient is the usual full correlation with the flipped kernel, as XLA emits it."""
   return _conv_reference(x, kernel, pad)
+
+
+def _conv_kernel_grad(x: Array, g: Array, kh: int, kw: int,
+                      pad: tuple[tuple[int, int], tuple[int, int]]) -> Array:
+  """dK[i, j] = sum over (n, y, x) of xp[n, y + i, x + j]^T g[n, y, x] as ONE matmul.
+
+  Both operands live on the padded grid flattened to rows p = (n, y, x) of width Wp: g is placed
+  at the top-left of each padded image (zeros elsewhere), so tap (i, j) pairs row q of xp with
+  row q - (i·Wp + j) of g, never across images. The kh·kw row-shifted copies of g side by side
+  ([L, kh·kw·Cout], contiguous slices of one front-padded array) times xp [L, Cin], contracted
+  over the rows, give every tap at once. Shifting g rather than x measured 2-4x faster (the
+  concatenation fuses into the matmul's operand), and 1.5-2.5x faster than XLA's own at 32²-64²."""
+  b, _, _, cin = x.shape
+  _, ho, wo, cout = g.shape
+  (pt, pb), (pl, pr) = pad
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  hp, wp = xp.shape[1:3]
+  rows = b * hp * wp
+  front = (kh - 1) * wp + kw - 1
+  gp = jnp.pad(g, ((0, 0), (0, hp - ho), (0, wp - wo), (0, 0))).reshape(rows, cout)
+  gp = jnp.pad(gp, ((front, 0), (0, 0)))
+  shifted = jnp.concatenate([gp[front - i * wp - j:front - i * wp - j + rows]
+                             for i in range(kh) for j in range(kw)], axis=-1)
+  gk = jax.lax.dot_general(xp.reshape(rows, cin), shifted, (((0,), (0,)), ((), ())),
+                           preferred_element_type=jnp.float32)  # [Cin, kh·kw·Cout]
+  return gk.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3)
 
 
 def _conv_s1_cpu_fwd(x, kernel, pad):
@@ -350,16 +407,12 @@ def _conv_s1_cpu_fwd(x, kernel, pad):
 
 def _conv_s1_cpu_bwd(pad, res, g):
   x, kernel = res
-  kh, kw, cin, cout = kernel.shape
+  kh, kw, _, _ = kernel.shape
   (pt, pb), (pl, pr) = pad
   gx = _conv_reference(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3),
                        ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
-  b, ho, wo, _ = g.shape
-  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  patches = jnp.concatenate([xp[:, i:i + ho, j:j + wo, :] for i in range(kh) for j in range(kw)],
-                            axis=-1).reshape(b * ho * wo, kh * kw * cin)
-  gk = jnp.dot(patches.T, g.reshape(b * ho * wo, cout), preferred_element_type=jnp.float32)
-  return gx.astype(x.dtype), gk.reshape(kh, kw, cin, cout).astype(kernel.dtype)
+  gk = _conv_kernel_grad(x, g, kh, kw, pad)
+  return gx.astype(x.dtype), gk.astype(kernel.dtype)
 
 
 _conv_s1_cpu.defvjp(_conv_s1_cpu_fwd, _conv_s1_cpu_bwd)
@@ -400,10 +453,33 @@ def conv2d(x: Array, kernel: Array, bias: Array | None, stride: int,
   return y if bias is None else y + bias
 
 
+# Tuning knobs of `_conv_cpu_wins` (module globals so that benchmarks can A/B them). Measured
+# per 3x3 layer (value + both gradients, batch 4): the matmul kernel gradient is 1.6-3x faster
+# than XLA's at 64x64 and 32x32 outputs, even at 16x16 and slower at 8x8; a 7x7 kernel would need
+# a 49x copy of the output gradient. benchmarks/RESULTS.md, issue 22.
+CONV_CPU_MIN_PIXELS = 32 * 32
+CONV_CPU_MAX_TAPS = 9
+CONV_CPU_STRIDED = True
+
+
+def _conv_cpu_wins(shape, kernel_size, stride: int, pad) -> bool:
+  """Whether `conv2d`'s CPU formulation beats lax's convolution for this NHWC convolution."""
+  kh, kw = kernel_size
+  if (kh, kw) == (stride, stride) and all(p == 0 for side in pad for p in side):
+    return True  # space-to-depth and a matmul (NAFNet's downs)
+  if stride > 1 and (not CONV_CPU_STRIDED or kh % stride or kw % stride):
+    return False
+  ho = (shape[1] + pad[0][0] + pad[0][1] - kh) // stride + 1
+  wo = (shape[2] + pad[1][0] + pad[1][1] - kw) // stride + 1
+  taps = (kh // stride) * (kw // stride)
+  return taps <= CONV_CPU_MAX_TAPS and ho * wo >= CONV_CPU_MIN_PIXELS
+
+
 class Conv(nnx.Conv):
-  """`nnx.Conv` (same parameters, attributes and results); on the CPU platform a convolution whose
-  kernel equals its stride (no padding) is computed by `conv2d` (space-to-depth and a matmul),
-  every other one exactly as `nnx.Conv`."""
+  """`nnx.Conv` (same parameters, attributes and results). On the CPU platform the convolutions
+  for which `_conv_cpu_wins` (kernel == stride: space-to-depth and a matmul; 3x3 stride 1 and
+  4x4 stride 2 with outputs of at least `CONV_CPU_MIN_PIXELS`: the matmul kernel gradient of
+  `_conv_s1_cpu`) are computed by `conv2d`, every other one exactly as `nnx.Conv`."""
 
   def __call__(self, x: Array) -> Array:
     pad = self.padding
@@ -413,11 +489,8 @@ class Conv(nnx.Conv):
               and self.kernel_dilation in (1, (1, 1), None) and len(self.kernel_size) == 2
               and strides[0] == strides[1] and isinstance(pad, (tuple, list))
               and self.mask is None)
-    # Measured (benchmarks/RESULTS.md): the U-Net step with the im2col kernel gradient was 1.2x
-    # SLOWER than with lax's convolution, so only the kernel == stride case (NAFNet's downs: a
-    # reshape and a matmul) takes `conv2d`'s CPU path; `conv2d(cpu=True)` keeps the rest for study.
-    if not simple or not cpu_formulation() or tuple(self.kernel_size) != tuple(strides) \
-        or any(p != 0 for side in pad for p in side):
+    if not simple or not cpu_formulation() or not _conv_cpu_wins(
+        x.shape, tuple(self.kernel_size), strides[0], pad):
       return super().__call__(x)
     x = x.astype(self.dtype)
     kernel = self.kernel[...].astype(self.dtype)

@@ -40,6 +40,7 @@ from uir_jax.models.layers import (
     LayerNorm,
     conv,
     dense,
+    linear,
     sinusoidal_embedding,
 )
 
@@ -80,8 +81,10 @@ class LinearAttention(nnx.Module):
     del context  # ignored, as in the reference
     b, h, w, _ = x.shape
     n = h * w
-    qkv = self.to_qkv(x).astype(jnp.float32).reshape(b, n, 3, LINEAR_ATTN_HEADS,
-                                                      LINEAR_ATTN_DIM_HEAD)
+    # to_qkv through `linear`: on CPU its kernel gradient avoids a large transposed copy.
+    x = x.astype(self.to_qkv.dtype)
+    qkv = linear(x, self.to_qkv.kernel[...].astype(x.dtype)).astype(jnp.float32)
+    qkv = qkv.reshape(b, n, 3, LINEAR_ATTN_HEADS, LINEAR_ATTN_DIM_HEAD)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, heads, d]
     q = jax.nn.softmax(q, axis=-1) * LINEAR_ATTN_DIM_HEAD ** -0.5
     k = jax.nn.softmax(k, axis=1)
