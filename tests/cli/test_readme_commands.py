@@ -50,7 +50,10 @@ def _flag(argv: list[str], name: str) -> str | None:
 
 
 def _kind(argv: list[str]) -> str:
-  """A name for what a command does: eval/restore, eval/score, export/daclip, ..."""
+  """A name for what a command does: eval/restore, eval/score, export/daclip, ..., and tdr/eval,
+  tdr/export, tdr/restore for TextualDegRemoval's guided restoration."""
+  if any(a.startswith("--guidance") for a in argv):
+    return f"tdr/{argv[1]}"
   if argv[1] == "eval":
     return "eval/score" if _flag(argv, "restored") else "eval/restore"
   if argv[1] == "export":
@@ -63,7 +66,7 @@ def test_readme_has_the_eval_and_export_commands():
   commands = readme_commands()
   assert sorted(_kind(c) for c in commands) == [
       "eval/restore", "eval/score", "export/daclip", "export/plain", "export/run",
-      "restore/model"], [shlex.join(c) for c in commands]
+      "restore/model", "tdr/eval", "tdr/export", "tdr/restore"], [shlex.join(c) for c in commands]
 
 
 def test_extraction_joins_continuations_and_drops_comments():
@@ -150,7 +153,8 @@ def _run(argv, cwd):
   return proc
 
 
-INPUT_FLAGS = ("daclip", "unet", "data", "lpips", "dists", "fid", "restored", "workdir", "model")
+INPUT_FLAGS = ("daclip", "unet", "data", "lpips", "dists", "fid", "restored", "workdir", "model",
+               "checkpoint", "guidance")
 
 
 def _inputs_exist(argv, cwd):
@@ -253,3 +257,50 @@ def test_readme_export_commands_run(tmp_path):
         restored = Image.open(out / f"{stem}.png")
         assert restored.size == Image.open(tmp_path / "photos" / name).size
         assert (out / f"{stem}.json").is_file()  # DA-CLIP's predicted degradation
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_readme_tdr_commands_run(tmp_path):
+  """TextualDegRemoval's export, restore --model and eval, in the README's order, on a random tiny
+  NAFNetRefFusion .pth of the official layout under the README's file name."""
+  import torch
+  import torch_nafnet
+  import torch_tdr
+
+  from tests.systems.textual_deg_removal.test_restore_cli import TINY
+
+  commands = _commands("tdr/")
+  assert [_kind(c) for c in commands] == ["tdr/export", "tdr/restore", "tdr/eval"]
+  torch.manual_seed(0)
+  model = torch_nafnet.perturb_(torch_tdr.TorchNAFNetRefFusion(**TINY))
+  torch.save({"params": model.state_dict()}, tmp_path / "tdr_nafnet.pth")
+  rng = np.random.default_rng(0)
+
+  def png(path, h, w):
+    os.makedirs(path.parent, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+
+  photos = {"a.png": (40, 56), "b.jpg": (48, 32)}
+  for name, (h, w) in photos.items():
+    png(tmp_path / "photos" / name, h, w)
+    png(tmp_path / "guidance" / f"{os.path.splitext(name)[0]}.png", w + 8, h)
+  data = tmp_path / _flag(commands[2], "data")
+  for sub in ("LQ", "GT"):
+    for name in ("a.png", "b.png"):
+      png(data / sub / name, 40, 56)
+  for argv in commands:
+    _inputs_exist(argv, tmp_path)
+    proc = _run(argv, tmp_path)
+    if argv[1] == "export":
+      manifest = json.loads((tmp_path / _flag(argv, "out") / "manifest.json").read_text())
+      assert [(f["height"], f["width"], f["guidance_height"], f["guidance_width"])
+              for f in manifest["functions"]["restore"]] == [(768, 1280, 512, 512)], manifest
+    elif argv[1] == "restore":
+      out = tmp_path / _flag(argv, "output_dir")
+      for name in photos:
+        restored = Image.open(out / f"{os.path.splitext(name)[0]}.png")
+        assert restored.size == Image.open(tmp_path / "photos" / name).size
+    else:  # scored into the default --output_dir
+      report = json.loads((tmp_path / "restored" / "results.json").read_text())
+      assert len(report["per_image"]) == 2 and not report["skipped"], proc.stdout[-2000:]

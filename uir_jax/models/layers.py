@@ -463,7 +463,12 @@ CONV_CPU_STRIDED = True
 
 
 def _conv_cpu_wins(shape, kernel_size, stride: int, pad) -> bool:
-  """Whether `conv2d`'s CPU formulation beats lax's convolution for this NHWC convolution."""
+  """Whether `conv2d`'s CPU formulation beats lax's convolution for this NHWC convolution.
+
+  Symbolic spatial sizes (`jax.export` with shape polymorphism) keep lax's convolution: the
+  size rule cannot be decided for them, and an export is inference, where the two agree."""
+  if not all(isinstance(d, int) for d in shape[1:3]):
+    return False
   kh, kw = kernel_size
   if (kh, kw) == (stride, stride) and all(p == 0 for side in pad for p in side):
     return True  # space-to-depth and a matmul (NAFNet's downs)
