@@ -17,6 +17,8 @@ others still run.
 
   python benchmarks/attention.py                       # on a GPU: cudnn and xla vs naive, bf16
   python benchmarks/attention.py --size 32 --nf 8 --ch-mult 1,2 --tokens 64 --repeats 2  # CPU
+  python benchmarks/attention.py --dtype float32 --impls blockwise --torch --skip-model \
+      --batch 1 --heads 8 --dim-head 40 --tokens 1024 4096        # CPU: SD-1.5's self-attention
 
 Prints JSON lines: name, device, shape, value, unit (+ extras).
 """
@@ -61,6 +63,26 @@ def op_check(args, tokens: int, heads: int, dim_head: int):
     sec = timeit(lambda fn=fn: fn(qd, kd, vd), args.repeats)
     emit(name="attention/op", value=_max_abs(out, plain), unit="max abs diff vs naive (same dtype)",
          max_abs_diff_vs_float32=_max_abs(out, exact), ms_per_call=round(1e3 * sec, 3), **base)
+  if args.torch:  # PyTorch's fused CPU/GPU attention on the same inputs, [B, H, L, D] layout
+    import time
+
+    import torch
+
+    tq, tk, tv = (torch.from_numpy(np.array(x, np.float32)).permute(0, 2, 1, 3).to(
+        getattr(torch, args.dtype)) for x in (q, k, v))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with torch.no_grad():
+      out = sdpa(tq, tk, tv).permute(0, 2, 1, 3).float().numpy()
+      times = []
+      for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        sdpa(tq, tk, tv)
+        times.append(time.perf_counter() - t0)
+    ms = round(1e3 * float(np.median(times)), 3)
+    emit(name="attention/op", value=_max_abs(jnp.asarray(out), exact),
+         unit="max abs diff vs naive (float32)", ms_per_call=ms,
+         device=device_name(), shape=list(shape), dtype=args.dtype, impl="torch_sdpa",
+         torch_threads=torch.get_num_threads())
 
 
 def model_check(args):
@@ -113,6 +135,8 @@ def main(argv=None):
   p.add_argument("--ch-mult", type=lambda v: tuple(int(m) for m in v.split(",")),
                  default=(1, 2, 4, 8))
   p.add_argument("--skip-model", action="store_true")
+  p.add_argument("--torch", action="store_true",
+                 help="op check: also torch's scaled_dot_product_attention (a test extra)")
   args = p.parse_args(argv)
   for tokens in args.tokens:
     op_check(args, tokens, args.heads, args.dim_head)

@@ -86,8 +86,9 @@ def test_memory_efficient_attention_equals_naive(impl):
   # A tiny block budget forces several (padded) query chunks.
   f = lambda impl_: lambda q, k, v: jnp.sum(
       jnp.sin(layers.attention(q, k, v, impl=impl_, max_block_elements=16 * 37 * 3)))
-  np.testing.assert_allclose(layers.attention(q, k, v, impl=impl, max_block_elements=2000),
-                             layers.attention(q, k, v, impl="naive"), atol=1e-5)
+  for budget in (2000, None, 1 << 24):  # several chunks; the platform's default; one chunk
+    np.testing.assert_allclose(layers.attention(q, k, v, impl=impl, max_block_elements=budget),
+                               layers.attention(q, k, v, impl="naive"), atol=1e-5)
   g_ref = jax.grad(f("naive"), argnums=(0, 1, 2))(q, k, v)
   g = jax.grad(f(impl), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(g, g_ref, strict=True):
@@ -97,9 +98,14 @@ def test_memory_efficient_attention_equals_naive(impl):
 
 
 def test_auto_attention_goes_blockwise_for_large_token_counts():
-  assert layers.resolve_attention_impl("auto", 16384, 16384, 16, jnp.float32) == "blockwise"
-  assert layers.resolve_attention_impl("auto", 4096, 1, 16, jnp.float32) == "naive"
-  assert layers.resolve_attention_impl("auto", 256, 256, 8, jnp.float32) == "naive"
+  with layers.formulation_override(False):  # accelerators: naive unless the scores are large
+    assert layers.resolve_attention_impl("auto", 16384, 16384, 16, jnp.float32) == "blockwise"
+    assert layers.resolve_attention_impl("auto", 4096, 1, 16, jnp.float32) == "naive"
+    assert layers.resolve_attention_impl("auto", 256, 256, 8, jnp.float32) == "naive"
+  with layers.formulation_override(True):  # the CPU: always the cache-sized heads-major chunks
+    assert layers.resolve_attention_impl("auto", 256, 256, 8, jnp.float32) == "blockwise"
+  assert layers.resolve_attention_impl("auto", 256, 256, 8, jnp.float32) == (
+      "blockwise" if jax.default_backend() == "cpu" else "naive")
 
 
 def test_sinusoidal_embedding_formula():
