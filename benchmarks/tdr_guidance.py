@@ -5,7 +5,7 @@ matcher was built for: the LQ keeps the coarse structure (so the coarse search a
 the right place) but has lost the fine detail that the guidance holds.
 
   * Images (`textures`): a smooth random colour field (cubic-interpolated normals on a 16-px
-    lattice, std 0.2 around 0.5) plus fine grey texture (uniform ±0.25 on 2 x 2-px cells), clipped
+    lattice, x 0.3, around 0.5) plus fine grey texture (uniform ±0.15 on 2 x 2-px cells), clipped
     to [0, 1]; the LQ is the image ×4 down-sampled (antialiased bilinear) and up-sampled again
     (bilinear): the colour field survives, the texture does not.
   * Photo = the centre 64² crop of a 128² scene; guidance = the whole 128² scene (the photo's
@@ -14,10 +14,14 @@ the right place) but has lost the fine detail that the guidance holds.
     the fine search 5 x 5 positions (chance 1/25 per cell). The photo sits 2 cells in, so every
     photo cell has its true guidance cell inside the block (with a guidance of the photo's own
     size the border cells could never be matched: the block stays inside the guidance map).
+  * The tiny net (`TINY`): width 8, no NAFNet blocks (enc/middle/dec 0), no residual blocks in
+    the matching encoder, one fusion NAFBlock per level and in the middle, coarse-search dilation
+    1 only (dilations (1, 2) matched fewer cells at initialisation: 36 % vs 55 % on average over
+    8 seeds; dilation 3 does not fit a 4-cell block, see below).
   * Trained with the GT scene as guidance (L1, Adam); evaluated on held-out scenes with
     guidance = GT scene and guidance = LQ scene (the same network, the same photo): the gap is
     what the guidance's content adds.
-  * `--matcher random`: coarse and fine indices drawn at random (soft attention = the cosine of the
+  * `--matchers random`: coarse and fine indices drawn at random (soft attention = the cosine of the
     drawn pair) in training and evaluation, by swapping `guidance.coarse_search` / `fine_search`
     for random ones (`random_matcher()`); no production option. Its gap is what the guidance adds
     without matching.
@@ -25,12 +29,13 @@ the right place) but has lost the fine detail that the guidance holds.
     their true guidance cell, at initialisation and after training.
 
 The matching encoder (`masa_enc`) trains at `--encoder-lr` (default 0: frozen at its random
-initialisation) and everything else at `--lr`: trained at the fusion's rate, in runs this short
-the encoder learns to pass the guidance's texture on and its /16 features of GT and LQ drift apart,
-so matching falls from ~75 % to ~17 % and the gap to ~1 dB (RESULTS.md, "Issue 24").
+initialisation) and everything else at `--lr`. Trained at the fusion's rate, in runs this short
+the encoder learns to pass the guidance's texture on and its /16 features of GT and LQ drift
+apart: matching falls from 52-82 % to 18-20 % of the cells and the gap to 0.8-1.0 dB (RESULTS.md,
+"Issue 24"). How well a random encoder matches depends on its seed (52-82 % for seeds 0-2).
 
-  python benchmarks/tdr_guidance.py                       # matched and random, 300 steps
-  python benchmarks/tdr_guidance.py --steps 100 --seeds 0 1 2 --encoder-lr 2e-3
+  python benchmarks/tdr_guidance.py          # learned and random matcher, seeds 0-2, 150 steps
+  python benchmarks/tdr_guidance.py --encoder-lr 2e-3 --matchers learned
 
 Prints JSON lines: one per (matcher, seed) with psnr_lq_input, psnr_gt_guided, psnr_lq_guided,
 gap_db, match_acc_init, match_acc, steps, seconds.
