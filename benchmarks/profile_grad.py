@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 
 DUMP = tempfile.mkdtemp(prefix="uir_profile_")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_enable_xprof_traceme=true"
@@ -85,25 +86,49 @@ def main(argv=None):
   p.add_argument("--clip", default="ViT-B-32", help="DA-CLIP's CLIP: ViT-B-32 | ViT-L-14 | tiny")
   p.add_argument("--runs", type=int, default=3)
   p.add_argument("--top", type=int, default=30)
+  p.add_argument("--adam", action="store_true",
+                 help="profile the whole training step: value_and_grad + optax.adam update")
   args = p.parse_args(argv)
   model, loss, trainable = {"nafnet": _nafnet, "unet": _unet, "daclip": _daclip}[args.model](args)
   graphdef, params, rest = nnx.split(model, trainable, ...)
 
-  def train_step(p, rest):
-    return jax.value_and_grad(lambda q: loss(nnx.merge(graphdef, q, rest)))(p)
+  if args.adam:
+    import optax
+    tx = optax.adam(1e-4)
 
-  step = jax.jit(train_step)
-  jax.block_until_ready(step(params, rest))
+    def train_step(p, opt, rest):
+      value, grads = jax.value_and_grad(lambda q: loss(nnx.merge(graphdef, q, rest)))(p)
+      updates, opt = tx.update(grads, opt, p)
+      return optax.apply_updates(p, updates), opt, value
+
+    state = [params, tx.init(params)]
+    step_c = jax.jit(train_step, donate_argnums=(0, 1))
+
+    def run():
+      state[0], state[1], value = step_c(state[0], state[1], rest)
+      jax.block_until_ready(value)
+  else:
+    def train_step(p, rest):
+      return jax.value_and_grad(lambda q: loss(nnx.merge(graphdef, q, rest)))(p)
+
+    step_c = jax.jit(train_step)
+
+    def run():
+      jax.block_until_ready(step_c(params, rest))
+  run()
   trace_dir = os.path.join(DUMP, "trace")
+  wall = []
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     for _ in range(args.runs):
-      jax.block_until_ready(step(params, rest))
+      t0 = time.perf_counter()
+      run()
+      wall.append(time.perf_counter() - t0)
   ev = json.load(gzip.open(sorted(glob.glob(f"{trace_dir}/**/*.json.gz", recursive=True))[-1]))
   ev = ev["traceEvents"] if isinstance(ev, dict) else ev
   hlo_file = sorted(glob.glob(f"{DUMP}/*train_step*after_optimizations.txt"))[0]
   info = {}
   for line in open(hlo_file):
-    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+?)(?:\{[^}]*\})? (\w[\w\-]*)\(", line)
+    m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\([^)]*\)|\S+?)(?:\{[^}]*\})? (\w[\w\-]*)\(", line)
     if m:
       op = re.search(r'op_name="([^"]*)"', line)
       info[m.group(1)] = (m.group(3), m.group(2), op.group(1) if op else "")
@@ -112,16 +137,24 @@ def main(argv=None):
     if e.get("ph") == "X" and e["name"] in info:
       tot[e["name"]] += e["dur"] / 1e3 / args.runs
   total = sum(tot.values())
-  print(f"# {args.model}: {total:.1f} ms of thunks per step (value_and_grad, no optimizer)")
-  groups = collections.Counter()
+  what = "value_and_grad + adam" if args.adam else "value_and_grad, no optimizer"
+  print(f"# {args.model}: {total:.1f} ms of thunks per step ({what}); wall "
+        f"{1e3 * min(wall):.1f} ms per step (min of {args.runs}, under the profiler)")
+  groups, kinds = collections.Counter(), collections.Counter()
   for name, ms in tot.items():
     kind, shape, op = info[name]
-    groups["backward" if "transpose(" in op else "forward"] += ms
+    where = "optimizer" if "transpose(" not in op and "jvp(" not in op else (
+        "backward" if "transpose(" in op else "forward")
+    groups[where] += ms
+    kinds[(where, re.sub(r"[.\d]+$", "", name))] += ms
   print("# " + ", ".join(f"{k} {v:.1f} ms ({100 * v / total:.0f}%)" for k, v in groups.items()))
+  print("# by thunk kind: " + ", ".join(f"{w}/{k} {v:.1f}" for (w, k), v in kinds.most_common(
+      args.top)))
   print("| ms/step | % | pass | thunk | HLO | shape | JAX op |\n|---|---|---|---|---|---|---|")
   for name, ms in tot.most_common(args.top):
     kind, shape, op = info[name]
-    where = "bwd" if "transpose(" in op else "fwd"
+    where = "opt" if "transpose(" not in op and "jvp(" not in op else (
+        "bwd" if "transpose(" in op else "fwd")
     print(f"| {ms:.2f} | {100 * ms / total:.1f} | {where} | {name} | {kind} | {shape} | "
           f"{op[-70:]} |")
   sys.stdout.flush()

@@ -20,6 +20,11 @@ faster).
   python benchmarks/train_vs_torch.py --reference           # also ours with the original
                                                             # formulations (before/after)
 
+Threads: XLA's CPU pool takes the CPUs the process may run on, so pin both sides with taskset;
+`--threads` (torch) defaults to the same count. Single-threaded, on core 1:
+
+  taskset -c 1 python benchmarks/train_vs_torch.py --threads 1
+
 Prints JSON lines: name, device, shape, value, unit, threads (+ spreads, compile time).
 """
 
@@ -152,6 +157,11 @@ def _jax_step_fn(which, model, inp_np, target_np, cpu: bool | None = None):
   return step, forward, compile_s
 
 
+def _schedulable_cpus() -> int:
+  """XLA's CPU thread pool size: the CPUs this process may run on (`taskset -c 1`: 1)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def _alternate(fns: dict, warmup: int, iters: int) -> dict:
   """Runs each callable in turn, `warmup` untimed rounds then `iters` timed; seconds lists."""
   for _ in range(warmup):
@@ -179,7 +189,7 @@ def bench(which: str, args) -> None:
     r_step, r_fwd, r_compile_s = _jax_step_fn(which, model, inp_np, target_np, cpu=False)
   base = dict(device=f"{device_name()} ({os.cpu_count()} cores)", shape=[batch, args.size,
               args.size, 3], dtype="float32", torch_threads=torch.get_num_threads(),
-              jax_threads=os.cpu_count(), iters=args.iters)
+              jax_threads=_schedulable_cpus(), iters=args.iters)
   kinds = [("train_step", t_step, j_step, args.reference and r_step)] + (
       [("forward", t_fwd, j_fwd, args.reference and r_fwd)] if args.forward else [])
   for kind, tf, jf, rf in kinds:
@@ -206,7 +216,7 @@ def main(argv=None) -> None:
   p.add_argument("--size", type=int, default=64)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--iters", type=int, default=7)
-  p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
+  p.add_argument("--threads", type=int, default=_schedulable_cpus(), help="torch.set_num_threads")
   p.add_argument("--forward", action="store_true", help="also time the forward pass alone")
   p.add_argument("--reference", action="store_true",
                  help="also time our step with the original (non-CPU) formulations, alternated "

@@ -323,6 +323,18 @@ def _dwconv_reference(x: Array, kernel: Array, bias: Array) -> Array:
   return bias + _shifted_sum(xp, kernel, h, w)
 
 
+def _channel_sums(terms: list[Array]) -> list[Array]:
+  """[sum over (N, H, W) of t for t in terms] for float32 terms [N, H, W, C], in one pass.
+
+  One variadic reduce over W (then a small sum over N, H): XLA CPU fuses the terms' producers
+  (here the shifted slices of the padded input times the output gradient) into one loop that
+  reads each input once. Separate per-term sums over (N, H, W) go to YNNPACK reductions that
+  first materialise every shifted slice: 4-5x slower for the depthwise kernel gradient."""
+  add = lambda a, b: tuple(u + v for u, v in zip(a, b, strict=True))
+  partial = jax.lax.reduce(terms, [jnp.float32(0)] * len(terms), add, (2,))
+  return [jnp.sum(t, axis=(0, 1)) for t in partial]
+
+
 @jax.custom_vjp
 def _dwconv_cpu(x: Array, kernel: Array, bias: Array) -> Array:
   """`_dwconv_reference` with a hand-written backward pass, for XLA's CPU backend.
@@ -350,10 +362,10 @@ def _dwconv_cpu_bwd(res, g):
   dx = _shifted_sum(gp, kernel[::-1, ::-1], h, w).astype(x.dtype)
   xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
   g32 = g.astype(jnp.float32)
-  dk = jnp.stack([jnp.stack([jnp.sum(xp[:, dy:dy + h, dx_:dx_ + w, :].astype(jnp.float32) * g32,
-                                     axis=(0, 1, 2)) for dx_ in range(k)]) for dy in range(k)])
-  db = jnp.sum(g32, axis=(0, 1, 2))
-  return dx, dk.astype(kernel.dtype), db.astype(g.dtype)
+  sums = _channel_sums([xp[:, dy:dy + h, dx_:dx_ + w, :].astype(jnp.float32) * g32
+                        for dy in range(k) for dx_ in range(k)] + [g32])
+  dk = jnp.stack(sums[:-1]).reshape(k, k, -1)
+  return dx, dk.astype(kernel.dtype), sums[-1].astype(g.dtype)
 
 
 _dwconv_cpu.defvjp(_dwconv_cpu_fwd, _dwconv_cpu_bwd)
