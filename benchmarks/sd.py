@@ -339,8 +339,8 @@ def main() -> None:
   p.add_argument("--torch-threads", type=int, default=0,
                  help="torch.set_num_threads (0: torch's default). On a loaded machine torch's "
                       "OpenMP threads wait on each other: compare at 1 thread on both sides "
-                      "(XLA_FLAGS='--xla_cpu_multi_thread_eigen=false "
-                      "intra_op_parallelism_threads=1')")
+                      "(`taskset -c 0 python benchmarks/sd.py --torch-threads 1`; XLA's pool "
+                      "follows the CPU affinity)")
   p.add_argument("--no-torch", action="store_true", help="ours only (no diffusers side)")
   args = p.parse_args()
   if not args.no_torch:
