@@ -49,6 +49,16 @@ def _state_from_flat(template: Any, flat: Mapping[str, Array]) -> Any:
   return state
 
 
+def export_jitted(fn: Any, platforms: Any, *args: Any) -> jax.export.Exported:
+  """`jax.export` of `jax.jit(fn)` for `platforms` on abstract `args`, traced with the original
+  formulations (`layers.formulation_override(False)`): an export runs anywhere, and the CPU-only
+  formulations only speed up training's backward pass."""
+  from uir_jax.models.layers import formulation_override
+
+  with formulation_override(False):
+    return jax.export.export(jax.jit(fn), platforms=tuple(platforms))(*args)
+
+
 def _set_attention_impl(model: Any, impl: str) -> None:
   """Every attention of `model` uses `impl` (symbolic shapes cannot pick one by size)."""
   from flax import nnx

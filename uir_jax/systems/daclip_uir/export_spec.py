@@ -53,9 +53,9 @@ from uir_jax.export.writer import (
     _set_attention_impl,
     _source_file,
     _state_from_flat,
+    export_jitted,
     write_export,
 )
-from uir_jax.models.layers import formulation_override
 from uir_jax.systems.daclip_uir.conditioning import (
     ClipView,
     context_names,
@@ -203,8 +203,7 @@ def export_models(denoiser: Any, daclip: Any | None, out_dir: str, *, sde: Any,
     if sde is None:  # the regression function also takes the photo's size (`takes_size`)
       args += (jax.ShapeDtypeStruct((2,), jnp.int32),)
     try:
-      with formulation_override(False):  # exports run anywhere: the original formulations
-        exported[name] = jax.export.export(jax.jit(fn), platforms=platforms)(*args)
+      exported[name] = export_jitted(fn, platforms, *args)
     except Exception as e:  # noqa: BLE001 - say which export failed and how to get another
       symbolic_trouble = size is None and ("Inconclusive" in type(e).__name__
                                            or "symbolic" in str(e).lower())
@@ -236,10 +235,9 @@ def export_models(denoiser: Any, daclip: Any | None, out_dir: str, *, sde: Any,
     windows = view.view == "windows"
     (b, n) = symbolic("b, n")
     shape = (b, n, size, size, 3) if windows else (b, size, size, 3)
-    with formulation_override(False):
-      exported[EMBED_FILE] = jax.export.export(
-          jax.jit(_embed_function(dgraph, dstate, text, windows)), platforms=platforms)(
-              _abstract(daclip_flat), jax.ShapeDtypeStruct(shape, jnp.float32))
+    exported[EMBED_FILE] = export_jitted(
+        _embed_function(dgraph, dstate, text, windows), platforms,
+        _abstract(daclip_flat), jax.ShapeDtypeStruct(shape, jnp.float32))
     embed_spec = {"file": EMBED_FILE, "image_size": size, "daclip_id": daclip_id,
                   "view": view.view, "clip_size": view.size}
     daclip_info = {"config": _clip_config_dict(daclip.config), "words": words}

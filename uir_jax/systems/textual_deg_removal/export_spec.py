@@ -34,9 +34,9 @@ from uir_jax.export.writer import (
     _flat_numpy,
     _source_file,
     _state_from_flat,
+    export_jitted,
     write_export,
 )
-from uir_jax.models.layers import formulation_override
 
 SYSTEM = "textual_deg_removal"
 DEFAULT_GUIDANCE_SIZES = ((512, 512),)  # the official guidance: 512² of the photo's centre
@@ -83,10 +83,9 @@ def export_guided(net: Any, out_dir: str, *, sizes: Sequence[tuple[int, int]],
     for hg, wg in ref_sizes:
       name = f"restore_{h}x{w}_g{hg}x{wg}.jaxexport"
       try:
-        with formulation_override(False):  # exports run anywhere: the original formulations
-          exported[name] = jax.export.export(jax.jit(restore), platforms=tuple(platforms))(
-              _abstract(flat), jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32), key_spec, {},
-              jax.ShapeDtypeStruct((b, hg, wg, 3), jnp.float32))
+        exported[name] = export_jitted(
+            restore, platforms, _abstract(flat), jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32),
+            key_spec, {}, jax.ShapeDtypeStruct((b, hg, wg, 3), jnp.float32))
       except Exception as e:  # noqa: BLE001 - say which pair failed
         raise ExportError(f"cannot export the guided restore function for a {h}x{w} photo and "
                           f"a {hg}x{wg} guidance: {type(e).__name__}: "
