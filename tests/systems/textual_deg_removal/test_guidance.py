@@ -105,3 +105,19 @@ def test_any_photo_size_and_small_guidance_blocks_fit():
   out = _call(*nnx.split(net), lq, jnp.asarray(rng.uniform(size=(1, 300, 200, 3)), jnp.float32))
   assert out.shape == lq.shape and bool(jnp.all(jnp.isfinite(out)))
   assert geometry((128, 128), (128, 128)).d_y == 5  # the smallest guidance map (8 cells)
+
+
+def test_dilations_wider_than_the_block_are_one_line_errors():
+  """4-cell blocks (lr_block_size 4) hold dilated 3x3 queries up to dilation 2: dilation 3 used to
+  end in a reshape TypeError deep in the search."""
+  from uir_jax.systems.textual_deg_removal.guidance import _lq_blocks, coarse_search
+
+  g = geometry((64, 64), (128, 128), lr_block_size=4)
+  assert g.k == 4
+  rng = np.random.default_rng(0)
+  f5 = jnp.asarray(rng.normal(size=(1, 4, 4, 5)), jnp.float32)
+  f5_ref = jnp.asarray(rng.normal(size=(1, 8, 8, 5)), jnp.float32)
+  blocks = _lq_blocks(f5, g)
+  assert coarse_search(blocks, f5_ref, g, (1, 2)).shape == (1, 1)
+  with pytest.raises(ValueError, match=r"dilations \(1, 2, 3\) do not fit 4-cell blocks"):
+    coarse_search(blocks, f5_ref, g, (1, 2, 3))

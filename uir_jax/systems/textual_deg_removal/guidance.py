@@ -168,6 +168,10 @@ def coarse_search(blocks: Array, f5_ref: Array, g: Geometry,
   n, hr, wr, c = f5_ref.shape
   p = g.py * g.px
   centre = (g.k + 2) // 2
+  widest = g.k + 1 - centre  # the dilated 3x3 query must stay inside the (k + 2)-cell block
+  if max(dilations) > widest:
+    raise ValueError(f"dilations {tuple(dilations)} do not fit {g.k}-cell blocks (largest "
+                     f"dilation {widest}): raise lr_block_size or lower the dilations")
   corr = 0.0
   for d in dilations:
     q = blocks[:, centre - d:centre + d + 1:d, centre - d:centre + d + 1:d]  # [N·P, 3, 3, C]
