@@ -58,9 +58,10 @@ def one_device(monkeypatch):
 
 
 def pytest_collection_modifyitems(config, items):
-  # Slow tests first (a stable sort): pytest-xdist hands its queue out from the front, so the
-  # minutes-long tests spread over the workers and the short ones fill in at the end, instead of
-  # one worker running the last long test alone while the other idles.
+  # Slow tests first (a stable sort): with `--dist worksteal` (the README's command) the workers
+  # split the queue and an idle one takes half of the other's unstarted tests, so the
+  # minutes-long tests spread over both and the short ones fill in at the end, instead of one
+  # worker running the last long test alone while the other idles.
   items.sort(key=lambda item: item.get_closest_marker("slow") is None)
   # Torch parity tests must run in CI: if torch is missing there, fail loudly instead of skipping.
   if os.environ.get("CI"):
