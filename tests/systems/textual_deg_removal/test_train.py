@@ -95,15 +95,10 @@ def test_backbone_and_guidance_module_get_their_own_learning_rates():
         np.testing.assert_allclose(np.abs(step), rate, rtol=1e-4, err_msg=group)
 
 
-# One :tiny run per network family on the one trainer: tdr_nafnet_ablation's is tdr_nafnet_gopro's
-# but for the encoder+decoder fusion, and tdr_restormer_defocus's GuidedRestormer is the base class
-# GuidedPromptIR trains through (both networks, both fusions: test_fusion.py's parity; every
-# config's settings: the test above). Each run is a ~2-minute compile on one core.
-TINY_RUNS = ["tdr_nafnet_gopro", "tdr_promptir_allinone"]
-
-
+# Issue 24's must-show: every tdr config's :tiny trains, saves and resumes (~2 minutes each on one
+# core, mostly compilation).
 @pytest.mark.slow
-@pytest.mark.parametrize("name", TINY_RUNS)
+@pytest.mark.parametrize("name", CONFIGS)
 def test_tiny_config_trains_saves_and_resumes(name, tmp_path, one_device):
   result = _trains_saves_resumes(_config(name), str(tmp_path / "wd"))
   assert np.isfinite(result["eval/psnr_lq"])
