@@ -74,18 +74,24 @@ def _run_pmap(stage, state0, step, batch):
   return parallel.unreplicate_local(state), losses
 
 
+def assert_leaves_close(tree, ref_tree, what, *, atol=None):
+  """Every leaf of `tree` within `atol` of `ref_tree`'s, or (atol None: Adam's moments, which
+  scale with the gradients, the PSNR loss's O(100)) within OPT_RTOL of the leaf's largest entry
+  (+1e-12: a leaf of moments of ~0 gradients holds only rounding noise, ~1e-23 here)."""
+  for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(ref_tree), strict=True):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    tol = atol if atol is not None else OPT_RTOL * float(np.max(np.abs(b))) + 1e-12
+    worst = float(np.max(np.abs(a - b))) if a.size else 0.0
+    assert worst <= tol, f"{what} {a.shape} differ by up to {worst:.3g} (> {tol:.3g})"
+
+
 def _compare(reference, other, what):
   (ref_state, ref_losses), (state, losses) = reference, other
   np.testing.assert_allclose(losses, ref_losses, rtol=LOSS_RTOL, err_msg=f"{what}: loss")
   for name in ("params", "ema", "opt"):
-    for a, b in zip(jax.tree.leaves(state[name]), jax.tree.leaves(ref_state[name]), strict=True):
-      a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-      # Parameters are O(0.01-1): absolute. Adam's moments scale with the gradients (the PSNR
-      # loss's are O(100)): relative to the leaf's largest entry.
-      # (+1e-12: a leaf of moments of ~0 gradients holds only rounding noise, ~1e-23 here.)
-      tol = PARAM_ATOL if name != "opt" else OPT_RTOL * float(np.max(np.abs(b))) + 1e-12
-      worst = float(np.max(np.abs(a - b))) if a.size else 0.0
-      assert worst <= tol, f"{what}: {name} {a.shape} differ by up to {worst:.3g} (> {tol:.3g})"
+    # Parameters are O(0.01-1): absolute; the moments relative.
+    assert_leaves_close(state[name], ref_state[name], f"{what}: {name}",
+                        atol=PARAM_ATOL if name != "opt" else None)
   assert int(state["step"]) == int(ref_state["step"]) == STEPS
 
 

@@ -222,7 +222,7 @@ def test_condition_dropout_uses_the_empty_prompt(tiny_stage):
 
 @pytest.mark.slow
 def test_fsdp_mesh_4x2_equals_one_device(unet_run):
-  from tests.train.test_parallel import LOSS_RTOL, OPT_RTOL, _assert_fsdp_sharded
+  from tests.train.test_parallel import LOSS_RTOL, _assert_fsdp_sharded, assert_leaves_close
 
   run = unet_run
   mesh = parallel.make_mesh((4, 2))
@@ -252,11 +252,7 @@ def test_fsdp_mesh_4x2_equals_one_device(unet_run):
       assert update > 0, f"{name} {a.shape} did not move"
       off = float(np.linalg.norm(a - b)) / update
       assert off <= UPDATE_RTOL, f"{name} {a.shape}: update off by {off:.3g} (> {UPDATE_RTOL})"
-  for a, b in zip(jax.tree.leaves(state["opt"]), jax.tree.leaves(run.state3["opt"]), strict=True):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    tol = OPT_RTOL * float(np.max(np.abs(b))) + 1e-12
-    worst = float(np.max(np.abs(a - b))) if a.size else 0.0
-    assert worst <= tol, f"opt {a.shape} differ by up to {worst:.3g} (> {tol:.3g})"
+  assert_leaves_close(state["opt"], run.state3["opt"], "opt")
   _assert_fsdp_sharded(sharded, min_size, 2)
 
 
