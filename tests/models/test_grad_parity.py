@@ -11,6 +11,7 @@ leaf by leaf, relative 1e-5.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -88,15 +89,12 @@ def test_nafnet_gradient_parity_with_pytorch():
 
 
 @pytest.mark.torch
-def test_unet_gradient_parity_with_pytorch(monkeypatch):
+def test_unet_gradient_parity_with_pytorch():
   import torch
   import torch_unet
 
   from uir_jax.convert.unet import load_unet
 
-  # Every 3x3 conv and the 4x4/2 Downsample take `layers.conv2d`'s hand-written backward on CPU
-  # (by default only from 32x32 outputs, larger than this test's images).
-  monkeypatch.setattr(layers, "CONV_CPU_MIN_PIXELS", 1)
   kw = dict(nf=32, ch_mult=(1, 2), context_dim=CTX)
   tm = torch_unet.randomize_(torch_unet.ConditionalUNet(**kw), seed=0).train()
   model = load_unet(tm.state_dict())
@@ -130,13 +128,42 @@ def test_cpu_formulation_selected_by_platform(monkeypatch):
                lambda x: layers.layer_norm(x, jnp.ones(4), None, 1e-5),
                lambda x: layers.linear(x, jnp.ones((4, 3)))):
       assert ("custom_vjp_call" in str(jax.make_jaxpr(fn)(x))) == custom, backend
-    # layers.conv: the hand-written backward from 32x32 outputs (3x3 and the 4x4/2 Downsample),
-    # lax's convolution below that, for 7x7 kernels and off the CPU.
-    for size, k, stride, pad, chosen in ((32, 3, 1, 1, custom), (64, 4, 2, 1, custom),
-                                         (16, 3, 1, 1, False), (32, 7, 1, 3, False)):
+    # layers.conv: space-to-depth and a matmul (no `conv_general_dilated`) where kernel ==
+    # stride without padding (NAFNet's downs, 1x1 convs), on the CPU only; lax's otherwise.
+    for size, k, stride, pad, chosen in ((32, 2, 2, 0, custom), (16, 1, 1, 0, custom),
+                                         (32, 3, 1, 1, False), (64, 4, 2, 1, False)):
       m = layers.conv(4, 4, k, stride=stride, padding=pad, rngs=nnx.Rngs(0))
       jaxpr = str(jax.make_jaxpr(lambda x, m=m: m(x))(jnp.ones((1, size, size, 4))))
-      assert ("custom_vjp_call" in jaxpr) == chosen, (backend, size, k, stride)
+      assert ("conv_general_dilated" not in jaxpr) == chosen, (backend, size, k, stride)
+
+
+def test_the_package_turns_ynnpack_convolutions_off_on_import_only_where_asked():
+  """uir_jax.xla_cpu: the XLA CPU option is added to XLA_FLAGS on import (an `xla_cpu_` option:
+  read by the CPU backend only), unless the user set it or opted out, and only for the jaxlib
+  series it was measured on (XLA aborts on unknown options)."""
+  import subprocess
+
+  from uir_jax import xla_cpu
+
+  (flag,) = xla_cpu.CPU_FLAGS
+  assert flag.startswith("--xla_cpu_")
+  series = xla_cpu._jaxlib_series()
+  assert series in xla_cpu.KNOWN_JAXLIB  # the pinned jax range: update KNOWN_JAXLIB with the pin
+  assert xla_cpu.flags_to_add("--xla_force_host_platform_device_count=8", series) == [flag]
+  assert xla_cpu.flags_to_add("--xla_cpu_experimental_ynn_fusion_type=", series) == []
+  assert xla_cpu.flags_to_add("", series, opt_out="0") == []
+  assert xla_cpu.flags_to_add("", (0, 99)) == []
+  code = ("import os, jax; import uir_jax, jax.numpy as jnp; print(jnp.ones(2).sum()); "
+          "print(os.environ['XLA_FLAGS'])")
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_cpu.OPT_OUT)}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       check=True).stdout.split()
+  assert out == ["2.0", flag]  # set after `import jax`, accepted by XLA when the backend starts
+  env[xla_cpu.OPT_OUT] = "0"
+  out = subprocess.run([sys.executable, "-c", code.replace("print(os.environ['XLA_FLAGS'])",
+                                                           "print(os.environ.get('XLA_FLAGS'))")],
+                       env=env, capture_output=True, text=True, check=True).stdout.split()
+  assert out == ["2.0", "None"]
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -191,17 +218,18 @@ def test_depthwise_conv_cpu_and_reference_agree(k):
 
 @pytest.mark.parametrize("kernel,stride,pad", [(3, 1, 1), (7, 1, 3), (1, 1, 0), (2, 2, 0),
                                                (4, 2, 1), (3, 2, 1)])
-def test_conv_cpu_and_reference_agree(kernel, stride, pad, monkeypatch):
-  """`layers.conv2d`'s CPU formulations (space-to-depth, matmuls, hand-written backward) equal
+def test_conv_cpu_and_reference_agree(kernel, stride, pad):
+  """`layers.conv2d`'s CPU formulation (space-to-depth and a matmul where kernel == stride) equals
   lax's convolution, values and gradients, for every convolution shape the models use; and the
-  `layers.conv` module (forced onto `conv2d` whatever the image size) equals nnx.Conv's own call
-  on either formulation."""
-  monkeypatch.setattr(layers, "CONV_CPU_MIN_PIXELS", 1)
+  `layers.conv` module equals nnx.Conv's own call on either formulation."""
   r = np.random.default_rng(kernel * 10 + stride)
   x = jnp.asarray(r.normal(size=(2, 9, 10, 5)), jnp.float32)
   kern = jnp.asarray(r.normal(size=(kernel, kernel, 5, 6)) / kernel, jnp.float32)
   bias = jnp.asarray(r.normal(size=(6,)), jnp.float32)
   p2 = ((pad, pad), (pad, pad))
+  # Only kernel == stride without padding takes the matmul; the rest is lax's on every platform.
+  assert layers._conv_cpu_wins(x.shape, (kernel, kernel), stride, p2) == (
+      kernel == stride and pad == 0)
   ct = jnp.asarray(r.normal(size=layers.conv2d(x, kern, bias, stride, p2, cpu=False).shape),
                    jnp.float32)
   outs = {}

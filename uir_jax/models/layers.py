@@ -402,131 +402,45 @@ class DepthwiseConv(nnx.Module):
                           self.bias[...].astype(self.dtype))
 
 
-def _conv_reference(x: Array, kernel: Array, pad: tuple[tuple[int, int], tuple[int, int]]) -> Array:
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), pad,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_s1_cpu(x: Array, kernel: Array, pad: tuple[tuple[int, int], tuple[int, int]]) -> Array:
-  """Stride-1 NHWC convolution with a hand-written backward pass, for XLA's CPU backend.
-
-  XLA CPU computes the kernel gradient as a convolution whose window is the whole image (e.g.
-  64x64) after transposing both operands, a slow path. Here it is one matmul (`_conv_kernel_grad`);
-  the input gradient is the usual full correlation with the flipped kernel, as XLA emits it."""
-  return _conv_reference(x, kernel, pad)
-
-
-def _conv_kernel_grad(x: Array, g: Array, kh: int, kw: int,
-                      pad: tuple[tuple[int, int], tuple[int, int]]) -> Array:
-  """dK[i, j] = sum over (n, y, x) of xp[n, y + i, x + j]^T g[n, y, x] as ONE matmul.
-
-  Both operands live on the padded grid flattened to rows p = (n, y, x) of width Wp: g is placed
-  at the top-left of each padded image (zeros elsewhere), so tap (i, j) pairs row q of xp with
-  row q - (i·Wp + j) of g, never across images. The kh·kw row-shifted copies of g side by side
-  ([L, kh·kw·Cout], contiguous slices of one front-padded array) times xp [L, Cin], contracted
-  over the rows, give every tap at once. Shifting g rather than x measured 2-4x faster (the
-  concatenation fuses into the matmul's operand), and 1.5-2.5x faster than XLA's own at 32²-64²."""
-  b, _, _, cin = x.shape
-  _, ho, wo, cout = g.shape
-  (pt, pb), (pl, pr) = pad
-  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  hp, wp = xp.shape[1:3]
-  rows = b * hp * wp
-  front = (kh - 1) * wp + kw - 1
-  gp = jnp.pad(g, ((0, 0), (0, hp - ho), (0, wp - wo), (0, 0))).reshape(rows, cout)
-  gp = jnp.pad(gp, ((front, 0), (0, 0)))
-  shifted = jnp.concatenate([gp[front - i * wp - j:front - i * wp - j + rows]
-                             for i in range(kh) for j in range(kw)], axis=-1)
-  gk = jax.lax.dot_general(xp.reshape(rows, cin), shifted, (((0,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32)  # [Cin, kh·kw·Cout]
-  return gk.reshape(cin, kh, kw, cout).transpose(1, 2, 0, 3)
-
-
-def _conv_s1_cpu_fwd(x, kernel, pad):
-  return _conv_reference(x, kernel, pad), (x, kernel)
-
-
-def _conv_s1_cpu_bwd(pad, res, g):
-  x, kernel = res
-  kh, kw, _, _ = kernel.shape
-  (pt, pb), (pl, pr) = pad
-  gx = _conv_reference(g, jnp.flip(kernel, (0, 1)).swapaxes(2, 3),
-                       ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr)))
-  gk = _conv_kernel_grad(x, g, kh, kw, pad)
-  return gx.astype(x.dtype), gk.astype(kernel.dtype)
-
-
-_conv_s1_cpu.defvjp(_conv_s1_cpu_fwd, _conv_s1_cpu_bwd)
-
-
 def conv2d(x: Array, kernel: Array, bias: Array | None, stride: int,
            pad: tuple[tuple[int, int], tuple[int, int]], *, cpu: bool | None = None) -> Array:
   """NHWC convolution, kernel [kh, kw, Cin, Cout] (HWIO), `pad` ((top, bottom), (left, right)).
 
   The original formulation is `lax.conv_general_dilated`. On the CPU platform (`cpu_formulation`)
-  a strided convolution whose kernel is a multiple of the stride becomes space-to-depth (a reshape)
-  and a stride-1 convolution (XLA CPU's gradient of a strided convolution is an input-dilated
-  convolution on a slow path), a 1x1 one a matmul, and the stride-1 convolution gets a
-  hand-written backward pass (`_conv_s1_cpu`)."""
+  a convolution whose kernel equals its stride without padding (NAFNet's 2x2/2 `downs`, every
+  1x1 convolution) is space-to-depth (a reshape) and one matmul: XLA CPU's gradient of a strided
+  convolution is an input-dilated convolution on a slow path. Every other convolution is lax's,
+  which XLA CPU runs on its Eigen kernels once YNNPACK's convolutions are off (`uir_jax.xla_cpu`;
+  a hand-written matmul kernel gradient for 3x3 convolutions measured slower than those, RESULTS
+  issue 22)."""
   kh, kw, cin, cout = kernel.shape
-  if not cpu_formulation(cpu) or kh % stride or kw % stride:
+  if not cpu_formulation(cpu) or not _conv_cpu_wins(x.shape, (kh, kw), stride, pad):
     y = jax.lax.conv_general_dilated(x, kernel, (stride, stride), pad,
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y if bias is None else y + bias
   b, h, w, _ = x.shape
-  (pt, pb), (pl, pr) = pad
-  ho, wo = (h + pt + pb - kh) // stride + 1, (w + pl + pr - kw) // stride + 1
-  if stride > 1:
-    s = stride
-    # Space-to-depth: x'[u, v, (i, j, c)] = xp[s·u + i, s·v + j, c]; kernel likewise.
-    hp, wp = -(-(h + pt + pb) // s) * s, -(-(w + pl + pr) // s) * s
-    x = jnp.pad(x, ((0, 0), (pt, hp - h - pt), (pl, wp - w - pl), (0, 0)))
-    x = x.reshape(b, hp // s, s, wp // s, s, cin).transpose(0, 1, 3, 2, 4, 5).reshape(
-        b, hp // s, wp // s, s * s * cin)
-    kernel = kernel.reshape(kh // s, s, kw // s, s, cin, cout).transpose(0, 2, 1, 3, 4, 5).reshape(
-        kh // s, kw // s, s * s * cin, cout)
-    kh, kw, cin, pad = kh // s, kw // s, s * s * cin, ((0, 0), (0, 0))
-  if kh == kw == 1 and pad == ((0, 0), (0, 0)):
-    y = jnp.dot(x.reshape(-1, cin), kernel.reshape(cin, cout)).reshape(*x.shape[:3], cout)
-  else:
-    y = _conv_s1_cpu(x, kernel, pad)
-  y = y[:, :ho, :wo]
+  s = stride
+  # Space-to-depth: x'[u, v, (i, j, c)] = x[s·u + i, s·v + j, c]; the kernel likewise.
+  ho, wo = h // s, w // s
+  x = x[:, :ho * s, :wo * s].reshape(b, ho, s, wo, s, cin).transpose(0, 1, 3, 2, 4, 5)
+  y = jnp.dot(x.reshape(-1, s * s * cin), kernel.reshape(s * s * cin, cout))
+  y = y.reshape(b, ho, wo, cout)
   return y if bias is None else y + bias
 
 
-# Tuning knobs of `_conv_cpu_wins` (module globals so that benchmarks can A/B them). Measured
-# per 3x3 layer (value + both gradients, batch 4): the matmul kernel gradient is 1.6-3x faster
-# than XLA's at 64x64 and 32x32 outputs, even at 16x16 and slower at 8x8; a 7x7 kernel would need
-# a 49x copy of the output gradient. benchmarks/RESULTS.md, issue 22.
-CONV_CPU_MIN_PIXELS = 32 * 32
-CONV_CPU_MAX_TAPS = 9
-CONV_CPU_STRIDED = True
-
-
 def _conv_cpu_wins(shape, kernel_size, stride: int, pad) -> bool:
-  """Whether `conv2d`'s CPU formulation beats lax's convolution for this NHWC convolution.
-
-  Symbolic spatial sizes (`jax.export` with shape polymorphism) keep lax's convolution: the
-  size rule cannot be decided for them, and an export is inference, where the two agree."""
+  """Whether `conv2d`'s CPU formulation (space-to-depth and a matmul) applies to this NHWC
+  convolution: kernel == stride, no padding, concrete spatial sizes (`jax.export` with shape
+  polymorphism keeps lax's convolution: an export is inference, where the two agree)."""
   if not all(isinstance(d, int) for d in shape[1:3]):
     return False
-  kh, kw = kernel_size
-  if (kh, kw) == (stride, stride) and all(p == 0 for side in pad for p in side):
-    return True  # space-to-depth and a matmul (NAFNet's downs)
-  if stride > 1 and (not CONV_CPU_STRIDED or kh % stride or kw % stride):
-    return False
-  ho = (shape[1] + pad[0][0] + pad[0][1] - kh) // stride + 1
-  wo = (shape[2] + pad[1][0] + pad[1][1] - kw) // stride + 1
-  taps = (kh // stride) * (kw // stride)
-  return taps <= CONV_CPU_MAX_TAPS and ho * wo >= CONV_CPU_MIN_PIXELS
+  return tuple(kernel_size) == (stride, stride) and all(p == 0 for side in pad for p in side)
 
 
 class Conv(nnx.Conv):
   """`nnx.Conv` (same parameters, attributes and results). On the CPU platform the convolutions
-  for which `_conv_cpu_wins` (kernel == stride: space-to-depth and a matmul; 3x3 stride 1 and
-  4x4 stride 2 with outputs of at least `CONV_CPU_MIN_PIXELS`: the matmul kernel gradient of
-  `_conv_s1_cpu`) are computed by `conv2d`, every other one exactly as `nnx.Conv`."""
+  for which `_conv_cpu_wins` (kernel == stride, no padding: space-to-depth and a matmul) are
+  computed by `conv2d`, every other one exactly as `nnx.Conv`."""
 
   def __call__(self, x: Array) -> Array:
     pad = self.padding
