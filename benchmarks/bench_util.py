@@ -10,6 +10,8 @@ import time
 
 import jax
 
+import uir_jax  # noqa: F401  - the package's XLA CPU options (uir_jax/xla_cpu.py), before any computation
+
 
 def device_name() -> str:
   """"cpu", "gpu:NVIDIA H100 80GB HBM3", "tpu:TPU v5 lite", ..."""

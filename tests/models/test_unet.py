@@ -97,6 +97,15 @@ def test_memory_efficient_attention_equals_naive(impl):
     layers.attention(q, k, v, impl="flash")
 
 
+def test_cpu_attention_chunks_are_128_queries_within_the_score_budget():
+  """On the CPU: 128-query chunks (measured fastest at 1024-4096 tokens), fewer where 2^22 scores
+  per batch element would be exceeded (memory of 16k-token generations), at least 16."""
+  budget, cap = layers.BLOCK_ELEMENTS_CPU, layers.QUERY_BLOCK_CPU
+  assert [layers._block_size(lk, 8, budget, cap) for lk in (77, 1024, 4096, 16384, 1 << 20)] == [
+      128, 128, 128, 32, 16]
+  assert layers._block_size(4096, 8, layers.BLOCK_ELEMENTS) == 512  # accelerators: no cap
+
+
 def test_auto_attention_goes_blockwise_for_large_token_counts():
   with layers.formulation_override(False):  # accelerators: naive unless the scores are large
     assert layers.resolve_attention_impl("auto", 16384, 16384, 16, jnp.float32) == "blockwise"
