@@ -69,3 +69,18 @@ def time_adamw_step(loss_fn, params, key, repeats: int):
     return loss
 
   return compile_s, timeit(run, repeats), step
+
+
+def alternate(fns: dict, warmup: int, iters: int) -> dict:
+  """Runs each callable in turn (so that load from other processes hits all alike), `warmup`
+  untimed rounds then `iters` timed; returns {name: [seconds per call]}."""
+  for _ in range(warmup):
+    for fn in fns.values():
+      fn()
+  times = {k: [] for k in fns}
+  for _ in range(iters):
+    for k, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[k].append(time.perf_counter() - t0)
+  return times

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from bench_util import device_name, emit
+from bench_util import alternate, device_name, emit
 from flax import nnx
 
 sys.modules.setdefault("triton", None)  # see tests/conftest.py: no triton probe on CPU
@@ -162,20 +162,6 @@ def _schedulable_cpus() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def _alternate(fns: dict, warmup: int, iters: int) -> dict:
-  """Runs each callable in turn, `warmup` untimed rounds then `iters` timed; seconds lists."""
-  for _ in range(warmup):
-    for fn in fns.values():
-      fn()
-  times = {k: [] for k in fns}
-  for _ in range(iters):
-    for k, fn in fns.items():
-      t0 = time.perf_counter()
-      fn()
-      times[k].append(time.perf_counter() - t0)
-  return times
-
-
 def bench(which: str, args) -> None:
   import torch
 
@@ -194,7 +180,7 @@ def bench(which: str, args) -> None:
       [("forward", t_fwd, j_fwd, args.reference and r_fwd)] if args.forward else [])
   for kind, tf, jf, rf in kinds:
     fns = {"torch": tf, "ours": jf} | ({"ours_original": rf} if rf else {})
-    times = _alternate(fns, args.warmup, args.iters)
+    times = alternate(fns, args.warmup, args.iters)
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in times.items():
       emit(name=f"train_vs_torch/{which}/{kind}/{k}_s", value=round(med[k], 4), unit="s",
