@@ -9,8 +9,8 @@ type from YNNPACK's fusions:
   --xla_cpu_experimental_ynn_fusion_type=-individual_convolution
 
 Measured (benchmarks/RESULTS.md, issue 22): the IR-SDE U-Net training step 2.2 s -> 1.6 s on 2
-cores; every 3x3 conv of the U-Net fwd + both gradients 1.48 s -> 0.94 s in total (PyTorch 1.11
-s); NAFNet's step unchanged.
+cores; every 3x3 conv of the U-Net, value + both gradients, 1.84 s -> 1.22 s in total (PyTorch
+0.94 s; `benchmarks/conv_layers.py`); NAFNet's step unchanged.
 
 Rules:
   * Only XLA's CPU backend reads `xla_cpu_*` options: GPU and TPU programs are untouched.
