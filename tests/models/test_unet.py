@@ -77,8 +77,8 @@ def test_conditioning_changes_the_output():
   assert float(jnp.max(jnp.abs(unet(x, x, 11, text_context=c, image_context=c) - base))) > 1e-5
 
 
-@pytest.mark.parametrize("impl", ["blockwise", "xla"])
-def test_memory_efficient_attention_equals_naive(impl):
+@pytest.mark.parametrize("impl,cpu", [("blockwise", True), ("blockwise", False), ("xla", None)])
+def test_memory_efficient_attention_equals_naive(impl, cpu):
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(k1, (2, 100, 3, 16))
   k = jax.random.normal(k2, (2, 37, 3, 16))
@@ -86,24 +86,29 @@ def test_memory_efficient_attention_equals_naive(impl):
   # A tiny block budget forces several (padded) query chunks.
   f = lambda impl_: lambda q, k, v: jnp.sum(
       jnp.sin(layers.attention(q, k, v, impl=impl_, max_block_elements=16 * 37 * 3)))
-  for budget in (2000, None, 1 << 24):  # several chunks; the platform's default; one chunk
-    np.testing.assert_allclose(layers.attention(q, k, v, impl=impl, max_block_elements=budget),
-                               layers.attention(q, k, v, impl="naive"), atol=1e-5)
-  g_ref = jax.grad(f("naive"), argnums=(0, 1, 2))(q, k, v)
-  g = jax.grad(f(impl), argnums=(0, 1, 2))(q, k, v)
+  with layers.formulation_override(cpu):  # the CPU's chunks (True) and the accelerators' (False)
+    # several query chunks; on the CPU, groups of 2 whole problems; the default; one chunk
+    for budget in (2000, 7400, None, 1 << 24):
+      np.testing.assert_allclose(layers.attention(q, k, v, impl=impl, max_block_elements=budget),
+                                 layers.attention(q, k, v, impl="naive"), atol=1e-5)
+    g_ref = jax.grad(f("naive"), argnums=(0, 1, 2))(q, k, v)
+    g = jax.grad(f(impl), argnums=(0, 1, 2))(q, k, v)
   for a, b in zip(g, g_ref, strict=True):
     np.testing.assert_allclose(a, b, atol=1e-5)
   with pytest.raises(ValueError, match="unknown attention"):
     layers.attention(q, k, v, impl="flash")
 
 
-def test_cpu_attention_chunks_are_128_queries_within_the_score_budget():
-  """On the CPU: 128-query chunks (measured fastest at 1024-4096 tokens), fewer where 2^22 scores
-  per batch element would be exceeded (memory of 16k-token generations), at least 16."""
-  budget, cap = layers.BLOCK_ELEMENTS_CPU, layers.QUERY_BLOCK_CPU
-  assert [layers._block_size(lk, 8, budget, cap) for lk in (77, 1024, 4096, 16384, 1 << 20)] == [
-      128, 128, 128, 32, 16]
-  assert layers._block_size(4096, 8, layers.BLOCK_ELEMENTS) == 512  # accelerators: no cap
+def test_cpu_attention_chunks_are_head_problems_within_the_score_budget():
+  """On the CPU: (groups of batch x heads problems per chunk, queries per chunk) within 2^21
+  scores (measured fastest at 1024-4096 tokens), all in one chunk when they are few, at least
+  16 queries (memory of 16k-token generations)."""
+  budget = layers.BLOCK_ELEMENTS_CPU
+  assert [layers._cpu_chunks(g, lq, lk, budget) for g, lq, lk in [
+      (8, 4096, 4096), (8, 1024, 1024), (16, 16384, 16384), (8, 4096, 77), (512, 77, 77),
+      (128, 257, 257), (6, 1 << 20, 1 << 20)]] == [
+      (1, 512), (2, 1024), (1, 128), (8, 4096), (512, 77), (16, 257), (1, 16)]
+  assert layers._block_size(4096, 8, layers.BLOCK_ELEMENTS) == 512  # accelerators
 
 
 def test_auto_attention_goes_blockwise_for_large_token_counts():

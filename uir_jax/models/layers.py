@@ -13,10 +13,10 @@ Attention (`attention`) has four interchangeable implementations that agree to r
     forward nor the backward pass holds more than `max_block_elements` scores at once.
 
 "auto" picks cuDNN on a GPU in half precision, blockwise when the score matrix would be large, and
-the naive form otherwise; on the CPU platform (`cpu_formulation`) always blockwise, with chunks
-small enough to stay in the caches (one chunk when all scores fit), computed heads-major with the
-softmax's division applied to the output: 2-3x faster there than the naive form at 1024-4096
-tokens. At 1024x1024 the U-Net's bottom self-attention has 16,384 tokens; the
+the naive form otherwise; on the CPU platform (`cpu_formulation`) always blockwise, in chunks of
+(batch, head) problems or of one problem's queries within 2^21 scores (one chunk when all scores
+are few), with the softmax's division applied to the output: 2-4x faster there than the naive
+form at 1024-4096 tokens. At 1024x1024 the U-Net's bottom self-attention has 16,384 tokens; the
 PyTorch reference materialises a 16 GiB score matrix there and runs out of memory (spec §10).
 """
 
@@ -189,53 +189,92 @@ def _naive_attention(q: Array, k: Array, v: Array) -> Array:
                     preferred_element_type=jnp.float32).astype(q.dtype)
 
 
-def _block_size(lk: int, heads: int, max_block_elements: int,
-                max_queries: int | None = None) -> int:
-  """Largest power of two of queries whose [heads, block, lk] scores fit the budget (>= 16), at
-  most `max_queries`."""
+def _block_size(lk: int, heads: int, max_block_elements: int) -> int:
+  """Largest power of two of queries whose [heads, block, lk] scores fit the budget (>= 16)."""
   per_query = max(1, lk * heads)
-  block = max(16, 1 << max(0, (max_block_elements // per_query).bit_length() - 1))
-  return block if max_queries is None else max(16, min(block, max_queries))
+  return max(16, 1 << max(0, (max_block_elements // per_query).bit_length() - 1))
 
 
-# Chunks of the blockwise attention. On the CPU: 128 queries per chunk and at most 2^22 scores
-# (16 MiB) per batch element; at 2 threads the 128-query chunk measured fastest both at 4096
-# tokens x 8 heads (128 queries 340 ms, 64: 487, 256: 582, the former 2^20-score chunk of 32
-# queries 650-740) and at 1024 tokens (128: 20 ms, 512: 47). On accelerators larger chunks keep
-# the matmuls busy. benchmarks/RESULTS.md, issue 23.
-BLOCK_ELEMENTS_CPU = 1 << 22
-QUERY_BLOCK_CPU = 128
+def _cpu_chunks(groups: int, lq: int, lk: int, max_block_elements: int) -> tuple[int, int]:
+  """(groups per chunk, queries per chunk) of the CPU attention for `groups` = batch x heads
+  independent [lq, lk] problems and a budget of scores per chunk. All problems in one chunk up to
+  twice the budget (small problems: there a loop costs more than the chunk's cache misses); else
+  whole problems where one fits (as many as fit, a divisor of `groups`); else one problem's
+  largest power of two of queries within the budget (>= 16)."""
+  if groups * lq * lk <= 2 * max_block_elements:
+    return groups, lq
+  if lq * lk <= max_block_elements:
+    fit = max_block_elements // (lq * lk)
+    return max(g for g in range(1, min(fit, groups) + 1) if groups % g == 0), lq
+  return 1, min(lq, _block_size(lk, 1, max_block_elements))
+
+
+# Chunks of the blockwise attention on the CPU: a chunk is some (batch, head) pairs' whole
+# problems or one pair's queries, at most 2^21 scores (8 MiB). Measured at 2 threads
+# (benchmarks/RESULTS.md, issue 23): 4096 tokens x 8 heads x 40, value 238 -> 169 ms and value +
+# gradient 802 -> 644 ms against the former chunks of 128 queries x all heads; 1024 tokens x 8
+# heads: 25 -> 19 ms. On accelerators the heads stay batched in each chunk of queries, within
+# BLOCK_ELEMENTS scores per batch element, to keep the matmuls busy.
+BLOCK_ELEMENTS_CPU = 1 << 21
 BLOCK_ELEMENTS = 1 << 24
 
 
 def _chunk_attention(q: Array, k: Array, v: Array) -> Array:
-  """Heads-major attention of one chunk: q [B, H, Lq, D] (already scaled), k, v [B, H, Lk, D].
-  The softmax's normalisation divides the [Lq, D] output instead of the [Lq, Lk] weights. The
-  row max only shifts the exponent (it cancels in the ratio), so no gradient flows through it:
-  the backward pass skips the max's gradient (1.2 -> 1.0 s at 4096 tokens x 8 heads, 2 cores)."""
-  s = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+  """Attention of one chunk: q [..., Lq, D] (already scaled), k, v [..., Lk, D] (same leading
+  axes). The softmax's normalisation divides the [Lq, D] output instead of the [Lq, Lk] weights.
+  The row max only shifts the exponent (it cancels in the ratio), so no gradient flows through
+  it: the backward pass skips the max's gradient (1.2 -> 1.0 s at 4096 tokens x 8 heads, 2
+  cores)."""
+  s = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32)
   p = jnp.exp(s - jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True)))
-  o = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  o = jnp.einsum("...qk,...kd->...qd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return o / jnp.sum(p, axis=-1, keepdims=True)
 
 
-def _blockwise_attention(q: Array, k: Array, v: Array, max_block_elements: int,
-                         max_queries: int | None = None) -> Array:
+def _query_chunks(q: Array, block: int, fn) -> Array:
+  """fn over chunks of `block` queries along axis -2 of q (zero-padded to a multiple), each
+  rematerialised in the backward pass (which then recomputes a chunk's scores instead of storing
+  them all, so training memory stays O(block * Lk) as well); the outputs concatenated."""
+  lq, d = q.shape[-2:]
+  if block >= lq:
+    return fn(q)
+  n = -(-lq // block)
+  qp = jnp.pad(q, [(0, 0)] * (q.ndim - 2) + [(0, n * block - lq), (0, 0)])
+  qb = jnp.moveaxis(qp.reshape(*q.shape[:-2], n, block, d), -3, 0)  # [n, ..., block, D]
+  out = jax.lax.map(jax.checkpoint(fn), qb)
+  return jnp.moveaxis(out, 0, -3).reshape(*q.shape[:-2], n * block, -1)[..., :lq, :]
+
+
+def _blockwise_attention(q: Array, k: Array, v: Array, max_block_elements: int) -> Array:
+  """Accelerators: chunks of queries x all heads and batch elements, heads-major."""
   b, lq, h, d = q.shape
-  block = min(_block_size(k.shape[1], h, max_block_elements, max_queries), lq)
+  block = _block_size(k.shape[1], h, max_block_elements)
   qh = jnp.moveaxis(q * jnp.asarray(d ** -0.5, q.dtype), 2, 1)  # [B, H, Lq, D]
   kh, vh = jnp.moveaxis(k, 2, 1), jnp.moveaxis(v, 2, 1)
-  if block == lq:
-    out = _chunk_attention(qh, kh, vh)
-  else:
-    n = -(-lq // block)
-    qp = jnp.pad(qh, ((0, 0), (0, 0), (0, n * block - lq), (0, 0)))
-    qb = jnp.moveaxis(qp.reshape(b, h, n, block, d), 2, 0)  # [n, B, H, block, D]
-    # Rematerialised per chunk: the backward pass recomputes each chunk's scores instead of
-    # storing all of them, so training memory stays O(block * Lk) as well.
-    out = jax.lax.map(jax.checkpoint(lambda qc: _chunk_attention(qc, kh, vh)), qb)
-    out = jnp.moveaxis(out, 0, 2).reshape(b, h, n * block, d)[:, :, :lq]
+  out = _query_chunks(qh, block, lambda qc: _chunk_attention(qc, kh, vh))
   return jnp.moveaxis(out, 1, 2).astype(q.dtype)
+
+
+def _blockwise_attention_cpu(q: Array, k: Array, v: Array, max_block_elements: int) -> Array:
+  """The CPU: the batch x heads problems in groups (`_cpu_chunks`), each group's queries in
+  chunks; a loop over groups, and within it over query chunks."""
+  b, lq, h, d = q.shape
+  lk = k.shape[1]
+  per_chunk, block = _cpu_chunks(b * h, lq, lk, max_block_elements)
+  flat = lambda x: jnp.moveaxis(x, 2, 1).reshape(b * h, x.shape[1], d)  # [B * H, L, D]
+  qh, kh, vh = flat(q * jnp.asarray(d ** -0.5, q.dtype)), flat(k), flat(v)
+
+  def group(args):  # [G, L, D] each
+    qg, kg, vg = args
+    return _query_chunks(qg, block, lambda qc: _chunk_attention(qc, kg, vg))
+
+  n = b * h // per_chunk
+  if n == 1:
+    out = group((qh, kh, vh))
+  else:
+    split = lambda x: x.reshape(n, per_chunk, *x.shape[1:])
+    out = jax.lax.map(group, (split(qh), split(kh), split(vh)))
+  return jnp.moveaxis(out.reshape(b, h, lq, d), 1, 2).astype(q.dtype)
 
 
 def resolve_attention_impl(impl: str, q_len: int, k_len: int, heads: int, dtype) -> str:
@@ -249,7 +288,7 @@ def resolve_attention_impl(impl: str, q_len: int, k_len: int, heads: int, dtype)
       and k_len > 1:
     return "cudnn"
   if cpu_formulation() or q_len * k_len * heads > AUTO_BLOCKWISE_THRESHOLD:
-    return "blockwise"  # on the CPU also when one chunk holds all: its heads-major form is faster
+    return "blockwise"  # on the CPU also when one chunk holds all: its form is faster
   return "naive"
 
 
@@ -257,8 +296,9 @@ def attention(q: Array, k: Array, v: Array, *, impl: str = "auto",
               max_block_elements: int | None = None) -> Array:
   """softmax(q k^T / sqrt(d)) v for q [B, Lq, H, D], k/v [B, Lk, H, D]; returns [B, Lq, H, D].
 
-  `max_block_elements`: scores per chunk of "blockwise" (default `BLOCK_ELEMENTS_CPU` and at most
-  `QUERY_BLOCK_CPU` queries on the CPU platform, `BLOCK_ELEMENTS` elsewhere)."""
+  `max_block_elements`: scores per chunk of "blockwise": on the CPU platform per chunk of
+  (batch, head) problems or queries (default `BLOCK_ELEMENTS_CPU`), elsewhere per batch element
+  of a chunk of queries x all heads (default `BLOCK_ELEMENTS`)."""
   if q.ndim != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
     raise ValueError(f"attention expects q [B, Lq, H, D] and k, v [B, Lk, H, D]; got "
                      f"{q.shape}, {k.shape}, {v.shape}")
@@ -266,12 +306,9 @@ def attention(q: Array, k: Array, v: Array, *, impl: str = "auto",
   if impl == "naive":
     return _naive_attention(q, k, v)
   if impl == "blockwise":
-    max_queries = None
-    if max_block_elements is None:
-      cpu = cpu_formulation()
-      max_block_elements = BLOCK_ELEMENTS_CPU if cpu else BLOCK_ELEMENTS
-      max_queries = QUERY_BLOCK_CPU if cpu else None
-    return _blockwise_attention(q, k, v, max_block_elements, max_queries)
+    if cpu_formulation():
+      return _blockwise_attention_cpu(q, k, v, max_block_elements or BLOCK_ELEMENTS_CPU)
+    return _blockwise_attention(q, k, v, max_block_elements or BLOCK_ELEMENTS)
   return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 
