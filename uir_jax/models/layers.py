@@ -15,7 +15,7 @@ Attention (`attention`) has four interchangeable implementations that agree to r
 "auto" picks cuDNN on a GPU in half precision, blockwise when the score matrix would be large, and
 the naive form otherwise; on the CPU platform (`cpu_formulation`) always blockwise, in chunks of
 (batch, head) problems or of one problem's queries within 2^21 scores (one chunk when all scores
-are few), with the softmax's division applied to the output: 2-4x faster there than the naive
+are few), with the softmax's division applied to the output: 3-5x faster there than the naive
 form at 1024-4096 tokens. At 1024x1024 the U-Net's bottom self-attention has 16,384 tokens; the
 PyTorch reference materialises a 16 GiB score matrix there and runs out of memory (spec §10).
 """
@@ -210,11 +210,12 @@ def _cpu_chunks(groups: int, lq: int, lk: int, max_block_elements: int) -> tuple
 
 
 # Chunks of the blockwise attention on the CPU: a chunk is some (batch, head) pairs' whole
-# problems or one pair's queries, at most 2^21 scores (8 MiB). Measured at 2 threads
-# (benchmarks/RESULTS.md, issue 23): 4096 tokens x 8 heads x 40, value 238 -> 169 ms and value +
-# gradient 802 -> 644 ms against the former chunks of 128 queries x all heads; 1024 tokens x 8
-# heads: 25 -> 19 ms. On accelerators the heads stay batched in each chunk of queries, within
-# BLOCK_ELEMENTS scores per batch element, to keep the matmuls busy.
+# problems or one pair's queries, at most 2^21 scores (8 MiB; all problems in one chunk up to
+# 2^22). Measured at 2 threads (benchmarks/RESULTS.md, issue 23): 4096 tokens x 8 heads x 40,
+# value 273-284 -> 183 ms and value + gradient 859 -> 663 ms against the former chunks of 128
+# queries x all heads; 1024 tokens x 8 heads x 80: 29-34 -> 20-22 ms. On accelerators the
+# heads stay batched in each chunk of queries, within BLOCK_ELEMENTS scores per batch element, to
+# keep the matmuls busy.
 BLOCK_ELEMENTS_CPU = 1 << 21
 BLOCK_ELEMENTS = 1 << 24
 
